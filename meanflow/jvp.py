@@ -1,0 +1,97 @@
+"""The ways to compute the total derivative d/dt u(z_t, r, t) along the flow (Eq. 5).
+
+    d/dt u = v . grad_z u + d_t u,
+
+one Jacobian-vector product of the network with tangent (dz, dr, dt) = (v, 0, 1). ``r`` is held
+fixed: its tangent is zero, and ``t - r`` (computed inside the network) moves with ``t``.
+
+Three methods, chosen by :class:`Derivative`:
+
+- ``JVP``: ``torch.func.jvp`` in one pass. Its primal output is the prediction the gradient flows
+  through, so the prediction and the derivative share one forward (and one dropout mask). It
+  cannot run through a ``DistributedDataParallel`` wrapper.
+- ``TWO_PASS``: the JVP on the bare module without gradient, then an ordinary gradient forward
+  through whatever wrapper the caller holds. Safe under data parallelism: the gradient forward
+  goes through DDP, so gradients are synchronised.
+- ``FINITE_DIFFERENCE``: a central difference, the paper's ablation; approximate.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .conventions import broadcast_like
+
+
+class Derivative(str, enum.Enum):
+    """How the objective computes d/dt u (see the module docstring)."""
+
+    JVP = "jvp"
+    TWO_PASS = "two_pass"
+    FINITE_DIFFERENCE = "finite_difference"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_data_parallel(model: nn.Module) -> bool:
+    """True if ``model`` or a wrapper inside it is DistributedDataParallel."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return True
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return False
+        model = inner
+
+
+def jvp_along_flow(
+    model: nn.Module, z: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor], velocity: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(u, du/dt)`` from one ``torch.func.jvp`` with tangent (velocity, 0, 1) (Eq. 5).
+
+    z, velocity: (B, ...); r, t: (B,); labels: (B,) or None. Returns two tensors of z's shape.
+    Gradients flow from ``u`` to the model's parameters unless the caller disables them.
+    """
+
+    def u_of(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
+        return model(z_, r_, t_, labels)
+
+    return torch.func.jvp(u_of, (z, r, t), (velocity, torch.zeros_like(r), torch.ones_like(t)))
+
+
+def finite_difference_along_flow(
+    model: nn.Module,
+    z: Tensor,
+    r: Tensor,
+    t: Tensor,
+    labels: Optional[Tensor],
+    velocity: Tensor,
+    step: float,
+) -> Tensor:
+    """Central difference ``[u(z + h v, r, t + h) - u(z - h v, r, t - h)] / 2h`` (Eq. 5), no gradient.
+
+    ``t +- h`` may leave [0, 1] by ``h``; the network is evaluated there as a smooth function.
+    """
+    with torch.no_grad():
+        shift = step * velocity
+        forward = model(z + shift, r, t + step, labels)
+        backward = model(z - shift, r, t - step, labels)
+        return (forward - backward) / (2.0 * step)
+
+
+def target_from_derivative(v_hat: Tensor, r: Tensor, t: Tensor, dudt: Tensor) -> Tensor:
+    """``u_tgt = v_hat - (t - r) du/dt`` (Eq. 6), without the stop-gradient (callers detach)."""
+    return v_hat - broadcast_like(t - r, v_hat) * dudt

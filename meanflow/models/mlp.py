@@ -1,0 +1,75 @@
+"""A small MLP average-velocity model for low-dimensional data (the 2-D toys)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .embeddings import TimeConditioning
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Hyper-parameters of :class:`MLP`.
+
+    data_dim: size of each sample (2 for the toys); hidden_size: width; depth: hidden layers;
+    num_classes: None for unconditional data; frequency_size: sinusoidal features per time.
+    """
+
+    data_dim: int = 2
+    hidden_size: int = 256
+    depth: int = 4
+    num_classes: Optional[int] = None
+    frequency_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("data_dim", "hidden_size", "depth", "frequency_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MLPConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"MLPConfig.num_classes must be >= 1 or None, got {self.num_classes}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MLPConfig":
+        return cls(**_known_fields(cls, data))
+
+
+class MLP(nn.Module):
+    """``u(z, r, t, y)`` for flat data. z: (B, D) -> (B, D).
+
+    The conditioning vector c = embed(t) + embed(t - r) [+ embed(y)] is added to the first hidden
+    layer; then SiLU MLP blocks. The last layer starts at zero, so a fresh model predicts u = 0.
+    """
+
+    def __init__(self, config: MLPConfig):
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        self.conditioning = TimeConditioning(width, config.num_classes, config.frequency_size)
+        self.input = nn.Linear(config.data_dim, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(config.depth - 1)
+        )
+        self.output = nn.Sequential(nn.SiLU(), nn.Linear(width, config.data_dim))
+        nn.init.zeros_(self.output[1].weight)
+        nn.init.zeros_(self.output[1].bias)
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        h = self.input(z) + self.conditioning(r, t, y)  # (B, W)
+        for block in self.blocks:
+            h = h + block(h)  # (B, W) residual
+        return self.output(h)  # (B, D)
+
+
+def _known_fields(cls, data: dict) -> dict:
+    """``data`` restricted to the dataclass's fields; unknown keys are an error."""
+    valid = {field.name for field in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(valid)}")
+    return dict(data)

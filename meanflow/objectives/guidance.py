@@ -1,0 +1,77 @@
+"""Classifier-free guidance baked into the training target (spec section 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TrainingGuidance:
+    """Settings of guidance inside the target.
+
+    ``omega`` and ``kappa`` mix the conditional velocity with the network's own predictions
+    (Eq. 9, 10); the effective scale is ``omega / (1 - kappa)``. Guidance applies only where
+    ``t_min <= t <= t_max``. ``class_dropout`` is the probability that a sample's label is
+    replaced by the null class; such samples get the plain velocity.
+    Defaults (omega 1, kappa 0) mean "no guidance", with class dropout 0.1 kept so the model also
+    learns the unconditional field.
+    """
+
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    class_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.omega < 0:
+            raise ValueError(f"omega must be >= 0, got {self.omega}")
+        if not 0.0 <= self.kappa < 1.0:
+            raise ValueError(f"kappa must lie in [0, 1), got {self.kappa}")
+        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
+            raise ValueError(
+                f"the guidance interval must satisfy 0 <= t_min <= t_max <= 1, got [{self.t_min}, {self.t_max}]"
+            )
+        if not 0.0 <= self.class_dropout <= 1.0:
+            raise ValueError(f"class_dropout must lie in [0, 1], got {self.class_dropout}")
+
+    @property
+    def effective_scale(self) -> float:
+        """omega' = omega / (1 - kappa): the plain-CFG scale this setting is equivalent to."""
+        return self.omega / (1.0 - self.kappa)
+
+    @property
+    def needs_model_predictions(self) -> bool:
+        """False when v_hat = v regardless of the network (omega = 1 and kappa = 0)."""
+        return not (self.omega == 1.0 and self.kappa == 0.0)
+
+    @property
+    def needs_conditional_prediction(self) -> bool:
+        """Eq. 10 uses the network's conditional prediction only when kappa > 0."""
+        return self.kappa > 0.0
+
+
+def guided_velocity(v: Tensor, v_unc: Tensor, v_cond: Tensor | None, omega: float, kappa: float) -> Tensor:
+    """The guided ground-truth velocity v_hat.
+
+    kappa = 0: ``v_unc + omega (v - v_unc)`` (Eq. 9);
+    kappa > 0: ``omega v + (1 - omega - kappa) v_unc + kappa v_cond`` (Eq. 10).
+    All tensors share one shape (B, ...); ``v_cond`` may be None when kappa = 0.
+    """
+    mixed = omega * v + (1.0 - omega - kappa) * v_unc
+    if kappa > 0.0:
+        if v_cond is None:
+            raise ValueError("kappa > 0 needs the conditional prediction v_cond")
+        mixed = mixed + kappa * v_cond
+    return mixed
+
+
+def drop_labels(labels: Tensor, probability: float, null_id: int, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each label by ``null_id`` with the given probability. (B,) -> (B,)"""
+    if probability <= 0.0:
+        return labels
+    dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < probability
+    return torch.where(dropped, torch.full_like(labels, null_id), labels)

@@ -1,0 +1,113 @@
+"""Drawing the two times (r, t) of each training sample (spec section 3)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class TimeDistribution(str, enum.Enum):
+    """How a single time is drawn."""
+
+    LOGIT_NORMAL = "logit_normal"  # sigmoid(N(mu, sigma^2))
+    UNIFORM = "uniform"  # U(0, 1)
+
+
+class MaskMode(str, enum.Enum):
+    """Which samples of a batch get r = t.
+
+    RANDOM: each sample independently with probability ``1 - fraction_r_neq_t`` (the default; the
+        share varies from batch to batch around its expectation).
+    PREFIX: exactly ``round((1 - fraction_r_neq_t) * B)`` samples, the first ones of the batch (of
+        each process's batch under data parallelism), so every batch has the same share.
+    """
+
+    RANDOM = "random"
+    PREFIX = "prefix"
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class TimeSampler:
+    """Samples (r, t) with 0 <= r <= t <= 1 for a batch.
+
+    Two times are drawn independently from ``distribution`` and sorted, ``t = max``, ``r = min``.
+    When ``r_mu`` / ``r_sigma`` are given, ``r`` instead has its own logit-normal law and
+    ``r = min(r, t)`` (the later CIFAR-10 recipe). Finally ``r := t`` for a share
+    ``1 - fraction_r_neq_t`` of the samples, chosen by ``mask_mode``.
+
+    Defaults are the paper's ImageNet settings: LN(-0.4, 1.0), 25% of samples with r != t.
+    """
+
+    distribution: TimeDistribution = TimeDistribution.LOGIT_NORMAL
+    mu: float = -0.4
+    sigma: float = 1.0
+    fraction_r_neq_t: float = 0.25
+    mask_mode: MaskMode = MaskMode.RANDOM
+    r_mu: Optional[float] = None
+    r_sigma: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "distribution", _enum(TimeDistribution, self.distribution, "distribution"))
+        object.__setattr__(self, "mask_mode", _enum(MaskMode, self.mask_mode, "mask_mode"))
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        _check_fraction("fraction_r_neq_t", self.fraction_r_neq_t)
+        if (self.r_mu is None) != (self.r_sigma is None):
+            raise ValueError("r_mu and r_sigma must be given together (or neither)")
+        if self.r_sigma is not None and self.r_sigma <= 0:
+            raise ValueError(f"r_sigma must be > 0, got {self.r_sigma}")
+        if self.r_mu is not None and self.distribution is not TimeDistribution.LOGIT_NORMAL:
+            raise ValueError("a separate law for r (r_mu, r_sigma) requires distribution='logit_normal'")
+
+    def draw(self, batch_size: int, mu: float, sigma: float, device, dtype, generator) -> Tensor:
+        """One time per sample from ``distribution`` with the given (mu, sigma). -> (B,)"""
+        if self.distribution is TimeDistribution.UNIFORM:
+            return torch.rand(batch_size, device=device, dtype=dtype, generator=generator)
+        normal = torch.randn(batch_size, device=device, dtype=dtype, generator=generator)
+        return torch.sigmoid(normal * sigma + mu)
+
+    def sample(
+        self,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Returns ``(r, t)``, each (B,), with ``r <= t`` and ``r == t`` where the mask says so."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        first = self.draw(batch_size, self.mu, self.sigma, device, dtype, generator)
+        if self.r_mu is None:
+            second = self.draw(batch_size, self.mu, self.sigma, device, dtype, generator)
+            t, r = torch.maximum(first, second), torch.minimum(first, second)
+        else:
+            t = first
+            r = self.draw(batch_size, self.r_mu, self.r_sigma, device, dtype, generator)
+        equal = self.equal_mask(batch_size, device, generator)
+        r = torch.where(equal, t, r)
+        return torch.minimum(r, t), t
+
+    def equal_mask(self, batch_size: int, device, generator: torch.Generator | None) -> Tensor:
+        """(B,) bool, True where the sample gets r = t."""
+        if self.mask_mode is MaskMode.PREFIX:
+            num_equal = round((1.0 - self.fraction_r_neq_t) * batch_size)
+            return torch.arange(batch_size, device=device) < num_equal
+        uniform = torch.rand(batch_size, device=device, generator=generator)
+        return uniform >= self.fraction_r_neq_t
+
+
+def _enum(kind: type[enum.Enum], value, field: str):
+    try:
+        return kind(value)
+    except ValueError:
+        valid = ", ".join(repr(member.value) for member in kind)
+        raise ValueError(f"{field} must be one of {valid}; got {value!r}") from None
