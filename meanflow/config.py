@@ -1,0 +1,280 @@
+"""Run configuration: plain dataclasses that round-trip through JSON, validated on construction.
+
+A run is a :class:`Config` of five sections. Named presets live in :mod:`meanflow.presets`;
+the command line overrides single fields with ``section.field=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .jvp import Derivative
+from .objectives.time_sampling import MaskMode, TimeDistribution
+
+METHODS = ("meanflow", "flow_matching")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _fail(section: str, name: str, message: str) -> None:
+    raise ValueError(f"{section}.{name} {message}")
+
+
+def _fraction(section: str, name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        _fail(section, name, f"must lie in [0, 1], got {value}")
+
+
+def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        _fail(section, name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _choice(section: str, name: str, value, valid) -> None:
+    if value not in valid:
+        _fail(section, name, f"must be one of {list(valid)}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """What to train on.
+
+    name: 'digits' (scikit-learn's 8x8 digits, the embedded default) or 'toy' (2-D
+        distributions, see ``toy``); image data sets are added by later modules.
+    toy: the 2-D distribution when name = 'toy'.
+    resolution: resize images to this size (None keeps the native size).
+    horizontal_flip: random left-right flips as augmentation.
+    class_conditional: use the data set's labels (class-conditional training).
+    path: a local file or folder for data sets read from disk.
+    """
+
+    name: str = "digits"
+    toy: str = "checkerboard"
+    resolution: Optional[int] = None
+    horizontal_flip: bool = False
+    class_conditional: bool = True
+    path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        from .data import DATASETS
+
+        _choice("data", "name", self.name, DATASETS)
+        if self.name == "toy":
+            from .data.toy import ToyDistribution
+
+            _choice("data", "toy", self.toy, [d.value for d in ToyDistribution])
+        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 1):
+            _fail("data", "resolution", f"must be a positive integer or null, got {self.resolution!r}")
+
+
+@dataclass
+class ModelSpec:
+    """The network: an architecture name ('mlp', 'dit', 'unet') and its config's fields."""
+
+    architecture: str = "dit"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .models import ARCHITECTURES, model_config
+
+        _choice("model", "architecture", self.architecture, ARCHITECTURES)
+        model_config(self.architecture, self.options)  # validates the options now, not mid-run
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective (spec sections 2, 3, 5). Guidance fields matter only with labels."""
+
+    method: str = "meanflow"
+    time_distribution: str = "logit_normal"
+    mu: float = -0.4
+    sigma: float = 1.0
+    fraction_r_neq_t: float = 0.25
+    mask_mode: str = "random"
+    r_mu: Optional[float] = None
+    r_sigma: Optional[float] = None
+    p: float = 1.0
+    c: float = 0.01
+    derivative: str = "jvp"
+    finite_difference_step: float = 1e-3
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    class_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        s = "objective"
+        _choice(s, "method", self.method, METHODS)
+        _choice(s, "time_distribution", self.time_distribution, [d.value for d in TimeDistribution])
+        _choice(s, "mask_mode", self.mask_mode, [m.value for m in MaskMode])
+        _choice(s, "derivative", self.derivative, [d.value for d in Derivative])
+        _positive(s, "sigma", self.sigma)
+        _fraction(s, "fraction_r_neq_t", self.fraction_r_neq_t)
+        _positive(s, "p", self.p, allow_zero=True)
+        _positive(s, "c", self.c)
+        _positive(s, "finite_difference_step", self.finite_difference_step)
+        _positive(s, "omega", self.omega, allow_zero=True)
+        if not 0.0 <= self.kappa < 1.0:
+            _fail(s, "kappa", f"must lie in [0, 1), got {self.kappa}")
+        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
+            _fail(s, "t_min", f"and t_max must satisfy 0 <= t_min <= t_max <= 1, got [{self.t_min}, {self.t_max}]")
+        _fraction(s, "class_dropout", self.class_dropout)
+
+    @property
+    def effective_guidance_scale(self) -> float:
+        """omega / (1 - kappa)."""
+        return self.omega / (1.0 - self.kappa)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; defaults are the paper's (constant lr 1e-4, betas (0.9, 0.95), no weight decay)."""
+
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _positive("optim", "lr", self.lr)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("optim", "betas", f"must be two numbers in [0, 1), got {self.betas}")
+        _positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.grad_clip is not None:
+            _positive("optim", "grad_clip", self.grad_clip)
+
+
+@dataclass
+class TrainingConfig:
+    """The loop: length, batch, EMA, logging, checkpoints and sample grids."""
+
+    steps: int = 1000
+    batch_size: int = 256
+    seed: int = 0
+    ema_decays: tuple = (0.9999,)
+    ema_period: int = 1
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 0
+    grid_samples: int = 64
+    grid_steps: tuple = (1, 2)
+    precision: str = "fp32"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        s = "training"
+        self.ema_decays = tuple(float(d) for d in self.ema_decays)
+        self.grid_steps = tuple(int(k) for k in self.grid_steps)
+        for name in ("steps", "batch_size", "ema_period", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "grid_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(s, name, f"must be a positive integer, got {value!r}")
+        if not isinstance(self.sample_every, int) or self.sample_every < 0:
+            _fail(s, "sample_every", f"must be a non-negative integer (0 = only at the end), got {self.sample_every!r}")
+        if not self.ema_decays or not all(0.0 < d < 1.0 for d in self.ema_decays):
+            _fail(s, "ema_decays", f"must be one or more numbers in (0, 1), got {self.ema_decays}")
+        if not self.grid_steps or min(self.grid_steps) < 1:
+            _fail(s, "grid_steps", f"must be one or more positive step counts, got {self.grid_steps}")
+        _choice(s, "precision", self.precision, PRECISIONS)
+        _choice(s, "device", self.device, DEVICES)
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelSpec,
+    "objective": ObjectiveConfig,
+    "optim": OptimConfig,
+    "training": TrainingConfig,
+}
+
+
+@dataclass
+class Config:
+    """A whole run. ``note`` is free text (presets record the paper's numbers there)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["note"] = self.note
+        return json.loads(json.dumps(out))  # tuples -> lists: exactly what the JSON file holds
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        unknown = sorted(set(data) - set(SECTIONS) - {"note"})
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; valid sections are {sorted(SECTIONS)} and 'note'")
+        sections = {}
+        for name, section_class in SECTIONS.items():
+            values = dict(data.get(name, {}))
+            valid = {f.name for f in dataclasses.fields(section_class)}
+            bad = sorted(set(values) - valid)
+            if bad:
+                raise ValueError(f"unknown fields {bad} in section {name!r}; valid fields are {sorted(valid)}")
+            sections[name] = section_class(**values)
+        return cls(**sections, note=data.get("note", ""))
+
+    def save(self, path: str | Path) -> None:
+        from .io import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config file {path} is not valid JSON: {error}") from None
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        """Apply ``section.field=value`` strings; values parse as JSON, else stay strings.
+
+        ``model.options.hidden_size=64`` reaches into the model's options.
+        """
+        data = self.to_dict()
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} must look like section.field=value")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            parts = key.strip().split(".")
+            if parts[0] == "note" and len(parts) == 1:
+                data["note"] = value
+                continue
+            if parts[0] not in SECTIONS or len(parts) < 2:
+                raise ValueError(f"override {item!r}: the key must be section.field with a section in {sorted(SECTIONS)}")
+            target = data[parts[0]]
+            for part in parts[1:-1]:
+                if not isinstance(target.get(part), dict):
+                    raise ValueError(f"override {item!r}: {part!r} is not a group of fields")
+                target = target[part]
+            if parts[0] != "model" or len(parts) == 2:
+                valid = set(target)
+                if parts[-1] not in valid:
+                    raise ValueError(f"override {item!r}: unknown field {parts[-1]!r}; valid fields are {sorted(valid)}")
+            target[parts[-1]] = value
+        return Config.from_dict(data)

@@ -1,0 +1,323 @@
+"""A diffusion transformer (DiT) that predicts the average velocity u(z_t, r, t, y).
+
+The network cuts the latent into patches, runs a stack of transformer blocks whose LayerNorms are
+modulated by the conditioning vector (adaLN-Zero), and reassembles the patches. The conditioning
+vector embeds ``(t, t - r)`` and the class label (spec section 4) through
+:class:`~meanflow.models.embeddings.TimeConditioning`; self-attention goes through
+:func:`~meanflow.models.attention.attention`, so the same model runs on the fused kernel in an
+ordinary forward and under ``torch.func.jvp`` for the MeanFlow target (Eq. 5).
+
+adaLN-Zero: every modulation linear and the output linear start at zero, so each residual branch
+is gated shut and a fresh model outputs exactly zero; training opens the gates gradually.
+
+Presets for the paper's ImageNet 256 models (32x32x4 SD-VAE latents, spec section 7) are in
+:data:`DIT_PRESETS`; :func:`dit_preset` returns one with optional field overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .attention import attention
+from .embeddings import TimeConditioning
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """The architecture of a :class:`DiT`; plain data, saved with checkpoints as JSON.
+
+    Attributes:
+        input_size: the spatial size H = W of the input.
+        in_channels: the number of channels C of the input (and of the output).
+        patch_size: the side of a square patch; ``input_size`` must be a multiple of it.
+        hidden_size: the token width; a multiple of ``num_heads`` and of 4 (the 2-D sin-cos
+            positional embedding splits it into four equal parts).
+        depth: the number of transformer blocks.
+        num_heads: the number of attention heads.
+        mlp_ratio: the MLP's hidden width as a multiple of ``hidden_size``.
+        num_classes: the number of classes of a class-conditional model (the null class id
+            ``num_classes`` is added on top), or None for an unconditional model.
+        frequency_size: the number of sinusoidal features per time embedding (even).
+    """
+
+    input_size: int
+    in_channels: int
+    patch_size: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    num_classes: int | None = None
+    frequency_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads",
+                     "frequency_size"):
+            _require_positive_int(name, getattr(self, name))
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input_size ({self.input_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        if self.hidden_size % 4:
+            raise ValueError(
+                f"hidden_size must be a multiple of 4 for the 2-D sin-cos positional embedding, "
+                f"got {self.hidden_size}"
+            )
+        if self.frequency_size % 2:
+            raise ValueError(f"frequency_size must be even, got {self.frequency_size}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) \
+                or not math.isfinite(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be a positive finite number, got {self.mlp_ratio!r}")
+        if int(self.hidden_size * self.mlp_ratio) < 1:
+            raise ValueError(
+                f"mlp_ratio ({self.mlp_ratio}) times hidden_size ({self.hidden_size}) must be at least 1"
+            )
+        if self.num_classes is not None:
+            _require_positive_int("num_classes", self.num_classes, extra=" or None for an unconditional model")
+
+    @property
+    def grid_size(self) -> int:
+        """The number of patches along each side: ``input_size // patch_size``."""
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """The number of tokens N: ``grid_size ** 2``."""
+        return self.grid_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-able data; :meth:`from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys raise a ValueError."""
+        valid = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown DiTConfig field(s) {unknown}; valid fields are {valid}")
+        return cls(**data)
+
+
+def _require_positive_int(name: str, value: Any, extra: str = "") -> None:
+    # bool is an int subclass; True as a depth is a typo, not a choice.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
+
+
+def sincos_position_embedding_2d(hidden_size: int, grid_size: int) -> Tensor:
+    """Fixed 2-D sin-cos embedding of a square grid of patch positions.
+
+    Half of the channels encode the row index and half the column index, each as
+    ``[sin(pos * f_k), cos(pos * f_k)]`` with ``f_k = 10000^(-k / (hidden_size / 4))``.
+
+    Args:
+        hidden_size: the token width, a multiple of 4.
+        grid_size: the number of patches along each side.
+    Returns:
+        (grid_size ** 2, hidden_size), tokens in row-major order (the order of ``flatten(2)``).
+    """
+    quarter = hidden_size // 4
+    frequencies = 1.0 / 10_000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    positions = torch.arange(grid_size, dtype=torch.float64)  # (G,)
+    rows, cols = torch.meshgrid(positions, positions, indexing="ij")  # (G, G) each
+
+    def encode(coordinate: Tensor) -> Tensor:
+        angles = coordinate.reshape(-1, 1) * frequencies[None, :]  # (G*G, D/4)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (G*G, D/2)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).to(torch.float32)  # (G*G, D)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """Adaptive LayerNorm modulation ``x * (1 + scale) + shift``. x: (B, N, D); shift, scale: (B, D)."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens. (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, N, D) -> (B, N, D)."""
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)  # (B, N, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D/H)
+        out = attention(q, k, v)  # (B, H, N, D/H); fused kernel unless under forward-mode AD
+        out = out.transpose(1, 2).reshape(batch, tokens, width)  # (B, N, D)
+        return self.proj(out)  # (B, N, D)
+
+
+class DiTBlock(nn.Module):
+    """A transformer block whose two LayerNorms are modulated and whose branches are gated by c.
+
+    ``c`` (B, D) is mapped to six vectors: shift, scale and gate for the attention branch and for
+    the MLP branch. With the modulation linear at zero the gates are zero and the block is the
+    identity.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(mlp_hidden, hidden_size),
+        )
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x: (B, N, D) tokens, c: (B, D) conditioning -> (B, N, D)."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        x = x + gate_a[:, None, :] * self.attn(modulate(self.norm1(x), shift_a, scale_a))  # (B, N, D)
+        x = x + gate_m[:, None, :] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, N, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm, then a linear map from each token to its patch's values.
+
+    (B, N, D), (B, D) -> (B, N, patch_size * patch_size * C).
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x: (B, N, D), c: (B, D) -> (B, N, p * p * C)."""
+        shift, scale = self.modulation(c).chunk(2, dim=1)  # 2 x (B, D)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p * p * C)
+
+
+class DiT(nn.Module):
+    """A diffusion transformer predicting the average velocity ``u(z, r, t, y)`` (Eq. 2).
+
+    Called as ``model(z, r, t, y)`` like every model of the project (see
+    :mod:`meanflow.conventions`). A fresh model outputs exactly zero (adaLN-Zero).
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.patch_embed = nn.Conv2d(
+            config.in_channels, hidden, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        # Fixed, not trained, and rebuilt from the config on load, so it stays out of state_dict.
+        self.register_buffer(
+            "position_embedding",
+            sincos_position_embedding_2d(hidden, config.grid_size)[None],  # (1, N, D)
+            persistent=False,
+        )
+        self.conditioning = TimeConditioning(hidden, config.num_classes, config.frequency_size)
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(hidden, config.patch_size, config.in_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The adaLN-Zero initialisation: modulation and output linears zero, so the output is 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # The patch embedding is a linear map on flattened patches; initialise it as one.
+        weight = self.patch_embed.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        # Small normal weights for the conditioning embeddings (biases stay zero).
+        for embedder in (self.conditioning.t_embedder, self.conditioning.gap_embedder):
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
+        if self.conditioning.label_embedder is not None:
+            nn.init.normal_(self.conditioning.label_embedder.table.weight, std=0.02)
+        # Zero: every gate closed, final modulation neutral, output linear silent.
+        zero_linears = [block.modulation[-1] for block in self.blocks]
+        zero_linears += [self.final_layer.modulation[-1], self.final_layer.linear]
+        for linear in zero_linears:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The average velocity over [r, t].
+
+        Args:
+            z: (B, C, H, W) the noisy state z_t, with C = in_channels and H = W = input_size.
+            r: (B,) the earlier time, ``r <= t``.
+            t: (B,) the current time.
+            y: (B,) int64 labels in ``[0, num_classes]`` (``num_classes`` is the null class) for a
+                class-conditional model; None for an unconditional one.
+        Returns:
+            (B, C, H, W) the predicted average velocity u(z, r, t, y).
+        """
+        config = self.config
+        expected = (config.in_channels, config.input_size, config.input_size)
+        if z.dim() != 4 or tuple(z.shape[1:]) != expected:
+            raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {tuple(z.shape)}")
+        batch, p, g = z.shape[0], config.patch_size, config.grid_size
+
+        x = self.patch_embed(z)  # (B, D, G, G), G = H / p
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), N = G * G, row-major
+        x = x + self.position_embedding  # (B, N, D)
+        c = self.conditioning(r, t, y)  # (B, D) from t, t - r and the label
+        for block in self.blocks:
+            x = block(x, c)  # (B, N, D)
+        x = self.final_layer(x, c)  # (B, N, p * p * C)
+        x = x.reshape(batch, g, g, p, p, config.in_channels)  # (B, G, G, p, p, C)
+        x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, G, p, G, p)
+        return x.reshape(batch, config.in_channels, g * p, g * p)  # (B, C, H, W)
+
+
+def _imagenet_latent_preset(patch_size: int, depth: int, hidden_size: int, num_heads: int) -> DiTConfig:
+    # SD-VAE latents of ImageNet 256 images: 32x32x4, 1000 classes (spec section 7).
+    return DiTConfig(
+        input_size=32, in_channels=4, patch_size=patch_size, hidden_size=hidden_size,
+        depth=depth, num_heads=num_heads, num_classes=1000,
+    )
+
+
+DIT_PRESETS: dict[str, DiTConfig] = {
+    "DiT-B/4": _imagenet_latent_preset(patch_size=4, depth=12, hidden_size=768, num_heads=12),
+    "DiT-B/2": _imagenet_latent_preset(patch_size=2, depth=12, hidden_size=768, num_heads=12),
+    "DiT-M/2": _imagenet_latent_preset(patch_size=2, depth=16, hidden_size=1024, num_heads=16),
+    "DiT-L/2": _imagenet_latent_preset(patch_size=2, depth=24, hidden_size=1024, num_heads=16),
+    "DiT-XL/2": _imagenet_latent_preset(patch_size=2, depth=28, hidden_size=1152, num_heads=16),
+}
+"""The paper's ImageNet 256 backbones on 32x32x4 latents (spec section 7), by name."""
+
+
+def dit_preset(name: str, **overrides: Any) -> DiTConfig:
+    """The preset ``name`` from :data:`DIT_PRESETS`, with fields replaced by ``overrides``.
+
+    Example: ``dit_preset("DiT-B/4", num_classes=None)`` for an unconditional B/4. Unknown names
+    and unknown fields raise a ValueError listing the valid ones.
+    """
+    if name not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}; valid names are {sorted(DIT_PRESETS)}")
+    valid = [field.name for field in dataclasses.fields(DiTConfig)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown DiTConfig field(s) {unknown}; valid fields are {valid}")
+    return dataclasses.replace(DIT_PRESETS[name], **overrides)
