@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .conventions import null_class_id
 from .models import build_model
 from .sampling import sample, sample_ode
-from .train.checkpoint import check_compatible, load_checkpoint
+from .checkpoint import check_compatible, load_checkpoint
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import Config
 from ..data import DataInfo, build_source
 from ..models import build_model
-from .checkpoint import (
+from ..checkpoint import (
     check_compatible,
     latest_checkpoint,
     load_checkpoint,

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..io import fsync_directory
+from .io import fsync_directory
 
 _NAME = re.compile(r"^step_(\d{9})$")
 FORMAT_VERSION = 1

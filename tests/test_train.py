@@ -1,0 +1,93 @@
+"""The training loop end to end on real files: checkpoints, exact resume, logs, grids."""
+
+import json
+
+import pytest
+import torch
+
+from meanflow.config import Config
+from meanflow.inference import generate, load_model
+from meanflow.presets import preset
+from meanflow.train import train
+from meanflow.checkpoint import list_checkpoints, load_checkpoint
+
+
+def tiny_toy(steps=20):
+    return preset("toy-eight-gaussians").with_overrides([
+        f"training.steps={steps}", "training.batch_size=64", "training.log_every=5", "training.checkpoint_every=10",
+        "model.options.hidden_size=32", "model.options.depth=2", "training.grid_samples=64",
+    ])
+
+
+def tiny_digits(steps=6):
+    return preset("digits").with_overrides([
+        f"training.steps={steps}", "training.batch_size=16", "training.log_every=2", "training.checkpoint_every=3",
+        "model.options.hidden_size=32", "model.options.depth=2", "model.options.num_heads=2",
+        "training.grid_samples=20", "training.ema_decays=[0.9, 0.99]",
+    ])
+
+
+def weights(path):
+    return load_checkpoint(path).model
+
+
+def test_a_run_writes_checkpoints_logs_config_and_grids(tmp_path):
+    result = train(tiny_toy(), tmp_path, progress=False)
+    assert result.step == 20
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000000010", "step_000000020"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 10, 15, 20]
+    for key in ("loss", "unweighted_error", "velocity_error", "fraction_r_neq_t", "grad_norm", "lr", "samples_per_second"):
+        assert all(key in line and line[key] == line[key] for line in lines)  # present and not NaN
+    assert Config.load(tmp_path / "config.json").to_dict() == tiny_toy().to_dict()
+    assert [p.name for p in result.grids] == ["step000000020_nfe1.png", "step000000020_nfe2.png"]
+    assert all(p.stat().st_size > 1000 for p in result.grids)
+    state = json.loads((tmp_path / "checkpoints" / "step_000000020" / "trainer.json").read_text())
+    assert state["step"] == 20 and state["ema_names"] == ["ema_0.999"]
+
+
+@pytest.mark.parametrize("build, first, total", [(tiny_toy, 10, 20), (tiny_digits, 3, 6)])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, build, first, total):
+    straight = train(build(total), tmp_path / "straight", progress=False)
+    train(build(total), tmp_path / "resumed", progress=False, max_steps=first)
+    resumed = train(build(total), tmp_path / "resumed", progress=False)  # same command again
+    assert resumed.step == straight.step == total
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    for part in ("model", "ema", "optimizer"):
+        left, right = getattr(a, part), getattr(b, part)
+        assert left.keys() == right.keys()
+        for key in left:
+            assert torch.equal(left[key], right[key]), f"{part}/{key} differs after resume"
+    log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert log == sorted(set(log))  # no duplicated steps after resume
+
+
+def test_class_conditional_digits_with_guidance_runs_and_samples(tmp_path):
+    result = train(tiny_digits(), tmp_path, progress=False)
+    loaded = load_model(tmp_path, weights="ema_0.99")
+    assert loaded.num_classes == 10 and loaded.sample_shape == (1, 8, 8) and loaded.step == 6
+    labels = torch.arange(10)
+    one = generate(loaded.model, 10, loaded.sample_shape, 1, labels, seed=3)
+    again = generate(loaded.model, 10, loaded.sample_shape, 1, labels, seed=3, batch_size=4)
+    assert one.shape == (10, 1, 8, 8) and torch.isfinite(one).all()
+    assert not torch.equal(one, generate(loaded.model, 10, loaded.sample_shape, 2, labels, seed=3))
+    torch.testing.assert_close(one[:4], again[:4])  # first batch identical; noise is per batch index
+    with pytest.raises(ValueError, match="unknown weights"):
+        load_model(tmp_path, weights="ema_0.5")
+    assert result.grids[0].exists()
+
+
+def test_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path):
+    config = tiny_digits().with_overrides(["model.options.input_size=16"])
+    with pytest.raises(ValueError, match="input_size=16 but images have shape"):
+        train(config, tmp_path, progress=False)
+    config = tiny_digits().with_overrides(["data.class_conditional=false"])
+    with pytest.raises(ValueError, match="num_classes=10 but the data has no classes"):
+        train(config, tmp_path, progress=False)
+
+
+def test_resuming_with_another_architecture_is_refused(tmp_path):
+    train(tiny_toy(10), tmp_path, progress=False)
+    wider = tiny_toy(20).with_overrides(["model.options.hidden_size=48"])
+    with pytest.raises(ValueError, match="shape differences"):
+        train(wider, tmp_path, progress=False)
