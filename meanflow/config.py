@@ -89,7 +89,11 @@ class ModelSpec:
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective (spec sections 2, 3, 5). Guidance fields matter only with labels."""
+    """The training objective (spec sections 2, 3, 5). Guidance fields matter only with labels.
+
+    derivative: 'auto' is 'jvp' in a single process and 'two_pass' under torchrun (DDP), where
+    a JVP through the wrapper would bypass gradient synchronisation.
+    """
 
     method: str = "meanflow"
     time_distribution: str = "logit_normal"
@@ -101,7 +105,7 @@ class ObjectiveConfig:
     r_sigma: Optional[float] = None
     p: float = 1.0
     c: float = 0.01
-    derivative: str = "jvp"
+    derivative: str = "auto"
     finite_difference_step: float = 1e-3
     omega: float = 1.0
     kappa: float = 0.0
@@ -114,7 +118,7 @@ class ObjectiveConfig:
         _choice(s, "method", self.method, METHODS)
         _choice(s, "time_distribution", self.time_distribution, [d.value for d in TimeDistribution])
         _choice(s, "mask_mode", self.mask_mode, [m.value for m in MaskMode])
-        _choice(s, "derivative", self.derivative, [d.value for d in Derivative])
+        _choice(s, "derivative", self.derivative, ["auto"] + [d.value for d in Derivative])
         _positive(s, "sigma", self.sigma)
         _fraction(s, "fraction_r_neq_t", self.fraction_r_neq_t)
         _positive(s, "p", self.p, allow_zero=True)
@@ -156,7 +160,17 @@ class OptimConfig:
 
 @dataclass
 class TrainingConfig:
-    """The loop: length, batch, EMA, logging, checkpoints and sample grids."""
+    """The loop: length, batch, EMA, logging, checkpoints and sample grids.
+
+    batch_size is the global batch; under torchrun each of W processes takes batch_size / W.
+    precision: 'bf16' autocasts the network (the JVP, target and loss stay fp32).
+    on_nonfinite: 'skip' drops a step whose loss or gradient is not finite (counted; training
+        stops after ``max_consecutive_skips`` in a row), 'stop' ends the run at once. Either way
+        no NaN reaches a checkpoint.
+    milestone_every: checkpoints at multiples of this step are kept beyond ``keep_checkpoints``.
+    compile: a torch.compile backend ('inductor', 'aot_eager', ...) or null for eager.
+    tf32: allow TF32 matmuls on GPU.
+    """
 
     steps: int = 1000
     batch_size: int = 256
@@ -171,6 +185,12 @@ class TrainingConfig:
     grid_steps: tuple = (1, 2)
     precision: str = "fp32"
     device: str = "auto"
+    on_nonfinite: str = "skip"
+    max_consecutive_skips: int = 20
+    milestone_every: int = 0
+    tensorboard: bool = False
+    compile: Optional[str] = None
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         s = "training"
@@ -188,6 +208,11 @@ class TrainingConfig:
         if not self.grid_steps or min(self.grid_steps) < 1:
             _fail(s, "grid_steps", f"must be one or more positive step counts, got {self.grid_steps}")
         _choice(s, "precision", self.precision, PRECISIONS)
+        _choice(s, "on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        if not isinstance(self.max_consecutive_skips, int) or self.max_consecutive_skips < 1:
+            _fail(s, "max_consecutive_skips", f"must be a positive integer, got {self.max_consecutive_skips!r}")
+        if not isinstance(self.milestone_every, int) or self.milestone_every < 0:
+            _fail(s, "milestone_every", f"must be a non-negative integer (0 = none), got {self.milestone_every!r}")
         _choice(s, "device", self.device, DEVICES)
 
 

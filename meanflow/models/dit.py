@@ -6,6 +6,9 @@ vector embeds ``(t, t - r)`` and the class label (spec section 4) through
 :class:`~meanflow.models.embeddings.TimeConditioning`; self-attention goes through
 :func:`~meanflow.models.attention.attention`, so the same model runs on the fused kernel in an
 ordinary forward and under ``torch.func.jvp`` for the MeanFlow target (Eq. 5).
+:meth:`DiT.forward_with_tangent` computes that JVP explicitly, primal and tangent together, from
+the pieces of :mod:`~meanflow.models.tangent`: about half the cost of ``torch.func.jvp`` (see
+``benchmarks/jvp_speed.py``).
 
 adaLN-Zero: every modulation linear and the output linear start at zero, so each residual branch
 is gated shut and a fresh model outputs exactly zero; training opens the gates gradually.
@@ -26,6 +29,16 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .embeddings import TimeConditioning
+from .tangent import (
+    attention_with_tangent,
+    gated_residual_with_tangent,
+    gelu_tanh_with_tangent,
+    layer_norm_with_tangent,
+    linear_with_tangent,
+    modulate_with_tangent,
+    pair,
+    silu_with_tangent,
+)
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,17 @@ class SelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, tokens, width)  # (B, N, D)
         return self.proj(out)  # (B, N, D)
 
+    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """x, dx: (B, N, D) -> the output and its tangent, (B, N, D) each. No gradient recording."""
+        batch, tokens, width = x.shape
+        heads = self.num_heads
+        qkv, dqkv = linear_with_tangent(x, dx, self.qkv.weight, self.qkv.bias)  # (B, N, 3D) each
+        q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D/H)
+        dq, dk, dv = dqkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        out, dout = attention_with_tangent(q, dq, k, dk, v, dv)  # (B, H, N, D/H) each
+        both = pair(out, dout).transpose(2, 3).reshape(2, batch, tokens, width)  # (2, B, N, D), one copy
+        return linear_with_tangent(both[0], both[1], self.proj.weight, self.proj.bias)  # (B, N, D) each
+
 
 class DiTBlock(nn.Module):
     """A transformer block whose two LayerNorms are modulated and whose branches are gated by c.
@@ -191,6 +215,36 @@ class DiTBlock(nn.Module):
         x = x + gate_m[:, None, :] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, N, D)
         return x
 
+    def forward_with_tangent(
+        self, x: Tensor, dx: Tensor, silu_c: Tensor, dsilu_c: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The block and its derivative; call without gradient recording.
+
+        Args:
+            x, dx: (B, N, D) tokens and their tangent.
+            silu_c, dsilu_c: (B, D) SiLU(c), the input of the modulation linear, and its tangent:
+                the same for every block, so the caller computes it once.
+        Returns:
+            (B, N, D) the block's output and its tangent.
+        """
+        linear = self.modulation[1]
+        modulation, dmodulation = linear_with_tangent(silu_c, dsilu_c, linear.weight, linear.bias)  # (B, 6D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=1)  # 6 x (B, D)
+        dshift_a, dscale_a, dgate_a, dshift_m, dscale_m, dgate_m = dmodulation.chunk(6, dim=1)
+
+        h, dh = layer_norm_with_tangent(x, dx, self.norm1.eps)  # (B, N, D)
+        h, dh = modulate_with_tangent(h, dh, shift_a, dshift_a, scale_a, dscale_a)
+        h, dh = self.attn.forward_with_tangent(h, dh)
+        x, dx = gated_residual_with_tangent(x, dx, h, dh, gate_a, dgate_a)
+
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        h, dh = layer_norm_with_tangent(x, dx, self.norm2.eps)
+        h, dh = modulate_with_tangent(h, dh, shift_m, dshift_m, scale_m, dscale_m)
+        h, dh = linear_with_tangent(h, dh, fc1.weight, fc1.bias)  # (B, N, mlp_hidden)
+        h, dh = gelu_tanh_with_tangent(h, dh)
+        h, dh = linear_with_tangent(h, dh, fc2.weight, fc2.bias)  # (B, N, D)
+        return gated_residual_with_tangent(x, dx, h, dh, gate_m, dgate_m)
+
 
 class FinalLayer(nn.Module):
     """Modulated LayerNorm, then a linear map from each token to its patch's values.
@@ -208,6 +262,18 @@ class FinalLayer(nn.Module):
         """x: (B, N, D), c: (B, D) -> (B, N, p * p * C)."""
         shift, scale = self.modulation(c).chunk(2, dim=1)  # 2 x (B, D)
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p * p * C)
+
+    def forward_with_tangent(
+        self, x: Tensor, dx: Tensor, silu_c: Tensor, dsilu_c: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """x, dx: (B, N, D); SiLU(c) and its tangent: (B, D) -> (B, N, p * p * C) twice. No gradient recording."""
+        linear = self.modulation[1]
+        modulation, dmodulation = linear_with_tangent(silu_c, dsilu_c, linear.weight, linear.bias)  # (B, 2D)
+        shift, scale = modulation.chunk(2, dim=1)  # 2 x (B, D)
+        dshift, dscale = dmodulation.chunk(2, dim=1)
+        h, dh = layer_norm_with_tangent(x, dx, self.norm.eps)
+        h, dh = modulate_with_tangent(h, dh, shift, dshift, scale, dscale)
+        return linear_with_tangent(h, dh, self.linear.weight, self.linear.bias)  # (B, N, p * p * C)
 
 
 class DiT(nn.Module):
@@ -273,9 +339,7 @@ class DiT(nn.Module):
             (B, C, H, W) the predicted average velocity u(z, r, t, y).
         """
         config = self.config
-        expected = (config.in_channels, config.input_size, config.input_size)
-        if z.dim() != 4 or tuple(z.shape[1:]) != expected:
-            raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {tuple(z.shape)}")
+        self._check_input(z)
         batch, p, g = z.shape[0], config.patch_size, config.grid_size
 
         x = self.patch_embed(z)  # (B, D, G, G), G = H / p
@@ -288,6 +352,61 @@ class DiT(nn.Module):
         x = x.reshape(batch, g, g, p, p, config.in_channels)  # (B, G, G, p, p, C)
         x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, G, p, G, p)
         return x.reshape(batch, config.in_channels, g * p, g * p)  # (B, C, H, W)
+
+    def forward_with_tangent(
+        self, z: Tensor, r: Tensor, t: Tensor, y: Tensor | None, dz: Tensor, dr: Tensor, dt: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(u, du): u = self(z, r, t, y) and du = the directional derivative along (dz, dr, dt).
+
+        The forward-mode derivative written out by hand: primal and tangent travel together, each
+        linear layer multiplies both in one GEMM (see :mod:`meanflow.models.tangent`). With the
+        tangent (v, 0, 1) it is d/dt u of Eq. 5, what ``torch.func.jvp`` of :meth:`forward` gives,
+        at about half its cost. The labels and the positional embedding are constant.
+
+        Runs without gradient: it is meant for the stop-gradient MeanFlow target (Eq. 6), and its
+        outputs never carry a gradient.
+
+        Args:
+            z, dz: (B, C, H, W) the state z_t and its tangent (v for Eq. 5).
+            r, t, dr, dt: (B,) the times and their tangents (0 and 1 for Eq. 5).
+            y: (B,) int64 labels or None, as in :meth:`forward`.
+        Returns:
+            u, du: (B, C, H, W) each.
+        """
+        config = self.config
+        self._check_input(z)
+        if dz.shape != z.shape:
+            raise ValueError(f"dz must have z's shape {tuple(z.shape)}, got {tuple(dz.shape)}")
+        batch, p, g = z.shape[0], config.patch_size, config.grid_size
+        with torch.no_grad():
+            # The patch embedding is linear: a linear map of each flattened patch, so one GEMM.
+            weight = self.patch_embed.weight.flatten(1)  # (D, C * p * p)
+            x, dx = linear_with_tangent(_patchify(z, p), _patchify(dz, p), weight)  # (B, N, D) each
+            x.add_(self.patch_embed.bias + self.position_embedding[0])  # constants: primal only
+            c, dc = self.conditioning.forward_with_tangent(r, t, y, dr, dt)  # (B, D) each
+            silu_c, dsilu_c = silu_with_tangent(c, dc)  # every modulation's input: computed once
+            for block in self.blocks:
+                x, dx = block.forward_with_tangent(x, dx, silu_c, dsilu_c)  # (B, N, D) each
+            x, dx = self.final_layer.forward_with_tangent(x, dx, silu_c, dsilu_c)  # (B, N, p * p * C)
+            both = pair(x, dx).view(2, batch, g, g, p, p, config.in_channels)  # (2, B, G, G, p, p, C)
+            both = both.permute(0, 1, 6, 2, 4, 3, 5)  # (2, B, C, G, p, G, p)
+            both = both.reshape(2, batch, config.in_channels, g * p, g * p)  # (2, B, C, H, W), one copy
+            return both[0], both[1]
+
+    def _check_input(self, z: Tensor) -> None:
+        config = self.config
+        expected = (config.in_channels, config.input_size, config.input_size)
+        if z.dim() != 4 or tuple(z.shape[1:]) != expected:
+            raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {tuple(z.shape)}")
+
+
+def _patchify(z: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, C * p * p): row-major patches, each flattened like a conv kernel (C, p, p)."""
+    batch, channels, height, width = z.shape
+    p = patch_size
+    patches = z.reshape(batch, channels, height // p, p, width // p, p)  # (B, C, G, p, G, p)
+    patches = patches.permute(0, 2, 4, 1, 3, 5)  # (B, G, G, C, p, p)
+    return patches.reshape(batch, (height // p) * (width // p), channels * p * p)  # (B, N, C * p * p)
 
 
 def _imagenet_latent_preset(patch_size: int, depth: int, hidden_size: int, num_heads: int) -> DiTConfig:

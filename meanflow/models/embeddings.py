@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .tangent import linear_with_tangent, silu_with_tangent, sinusoidal_embedding_with_tangent
+
 
 def sinusoidal_embedding(values: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal features of raw scalars (no x1000 scaling: times stay in [0, 1]).
@@ -42,6 +44,17 @@ class ScalarEmbedder(nn.Module):
     def forward(self, values: Tensor) -> Tensor:
         features = sinusoidal_embedding(values, self.frequency_size)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+    def forward_with_tangent(self, values: Tensor, dvalues: Tensor) -> tuple[Tensor, Tensor]:
+        """The embedding and its derivative along ``dvalues``. (B,), (B,) -> (B, hidden) twice.
+
+        Call without gradient recording (see :mod:`meanflow.models.tangent`).
+        """
+        dtype = self.mlp[0].weight.dtype
+        features, dfeatures = sinusoidal_embedding_with_tangent(values, dvalues, self.frequency_size)
+        h, dh = linear_with_tangent(features.to(dtype), dfeatures.to(dtype), self.mlp[0].weight, self.mlp[0].bias)
+        h, dh = silu_with_tangent(h, dh)
+        return linear_with_tangent(h, dh, self.mlp[2].weight, self.mlp[2].bias)
 
 
 class LabelEmbedder(nn.Module):
@@ -80,13 +93,38 @@ class TimeConditioning(nn.Module):
     def forward(self, r: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         """r, t: (B,); y: (B,) int64 or None -> (B, hidden)."""
         c = self.t_embedder(t) + self.gap_embedder(t - r)
+        label = self._label_embedding(y)
+        return c if label is None else c + label
+
+    def forward_with_tangent(
+        self, r: Tensor, t: Tensor, y: Tensor | None, dr: Tensor, dt: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The conditioning vector c and its derivative along (dr, dt).
+
+        ``t - r`` moves by ``dt - dr``; the label embedding is constant (zero tangent).
+        Call without gradient recording (see :mod:`meanflow.models.tangent`).
+
+        Args:
+            r, t, dr, dt: (B,) the times and their tangents (dr = 0, dt = 1 for Eq. 5).
+            y: (B,) int64 labels or None, as in :meth:`forward`.
+        Returns:
+            c, dc: (B, hidden) each.
+        """
+        label = self._label_embedding(y)
+        e_t, de_t = self.t_embedder.forward_with_tangent(t, dt)
+        e_gap, de_gap = self.gap_embedder.forward_with_tangent(t - r, dt - dr)
+        c = e_t + e_gap
+        return (c if label is None else c + label), de_t + de_gap
+
+    def _label_embedding(self, y: Tensor | None) -> Tensor | None:
+        """(B, hidden) label embedding, or None for an unconditional model; checks y against the model."""
         if self.label_embedder is not None:
             if y is None:
                 raise ValueError(
                     f"this model is class-conditional ({self.num_classes} classes): pass labels y, "
                     f"or the null class id {self.num_classes} for unconditional predictions"
                 )
-            c = c + self.label_embedder(y)
-        elif y is not None:
+            return self.label_embedder(y)
+        if y is not None:
             raise ValueError("this model is unconditional (num_classes=None) but labels y were given")
-        return c
+        return None

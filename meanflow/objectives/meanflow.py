@@ -128,8 +128,8 @@ class MeanFlow(Objective):
                 "synchronisation); use derivative='two_pass'"
             )
         resting = (r == t).nonzero().squeeze(1)
-        with _fp32(z):
-            u_moving, dudt = jvp_along_flow(model, *_rows_for_jvp(z, r, t, labels, v_hat, moving))
+        with _fp32(z):  # the bare module: forward-mode AD through torch.compile is not assumed to work
+            u_moving, dudt = jvp_along_flow(unwrap(model), *_rows_for_jvp(z, r, t, labels, v_hat, moving))
         if resting.numel() == 0:
             return u_moving, dudt
         u_resting = model(z[resting], r[resting], t[resting], None if labels is None else labels[resting])

@@ -1,5 +1,6 @@
 """The training loop: data -> objective.loss -> backward -> clip -> optimizer -> EMA, with
-periodic logs, checkpoints and sample grids. Re-running the same command resumes.
+periodic logs, checkpoints and sample grids. The same code runs as one process or under
+``torchrun``; re-running the same command resumes; SIGTERM / SIGINT checkpoint and stop.
 """
 
 from __future__ import annotations
@@ -7,8 +8,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -16,9 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Config
-from ..data import DataInfo, build_source
-from ..models import build_model
 from ..checkpoint import (
     check_compatible,
     latest_checkpoint,
@@ -27,7 +26,12 @@ from ..checkpoint import (
     optimizer_tensors,
     save_checkpoint,
 )
+from ..config import Config
+from ..data import DataInfo, build_source
+from ..models import build_model
+from .distributed import Distributed, init_distributed, shutdown
 from .ema import EMA
+from .logging import MetricsLog, memory_mib
 from .objective_factory import build_objective
 from .progress import Progress
 from .sample_grids import write_sample_grids
@@ -35,21 +39,16 @@ from .sample_grids import write_sample_grids
 
 @dataclass
 class TrainResult:
-    """Where a run left its files, and its last logged metrics."""
+    """Where a run left its files, and how it ended."""
 
     output_dir: Path
-    checkpoint: Path
+    checkpoint: Optional[Path]
     grids: list[Path]
     step: int
     metrics: dict
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("training.device is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(name)
+    skipped_steps: int = 0
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)
 
 
 def check_model_matches_data(config: Config, info: DataInfo) -> None:
@@ -72,25 +71,17 @@ def check_model_matches_data(config: Config, info: DataInfo) -> None:
 
 
 def _rng_state(generator: torch.Generator) -> dict:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state().tolist(),
-        "numpy": _numpy_state(),
-        "python": _python_state(),
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
         "objective": generator.get_state().tolist(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
-
-
-def _numpy_state() -> list:
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(position), int(has_gauss), float(cached)]
-
-
-def _python_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
 
 
 def _restore_rng(state: dict, generator: torch.Generator) -> None:
@@ -104,120 +95,244 @@ def _restore_rng(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Everything one training process holds. Use :func:`train`; the class is its machinery."""
+
+    def __init__(self, config: Config, output_dir: Path, progress: bool = True):
+        self.config, self.output_dir, self.show_progress = config, Path(output_dir), progress
+        settings = config.training
+        self.dist: Distributed = init_distributed(settings.device)
+        world = self.dist.world_size
+        if settings.batch_size % world:
+            raise ValueError(f"training.batch_size={settings.batch_size} must be divisible by the number of "
+                             f"processes ({world})")
+        self.local_batch = settings.batch_size // world
+        device = self.dist.device
+        if device.type == "cuda" and settings.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        seed = settings.seed + 1_000_003 * self.dist.rank  # per-rank noise, shared data order
+        torch.manual_seed(seed)
+        np.random.seed(seed % (2**32))
+        random.seed(seed)
+        self.source, self.info = build_source(config.data, self.local_batch, settings.seed, self.dist.rank, world)
+        check_model_matches_data(config, self.info)
+        torch.manual_seed(settings.seed)  # identical initial weights on every rank
+        self.model = build_model(config.model.architecture, config.model.options).to(device)
+        torch.manual_seed(seed)
+        self.objective = build_objective(config.objective, self.info.num_classes, data_parallel=self.dist.enabled)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+                                           weight_decay=config.optim.weight_decay)
+        warmup = config.optim.warmup_steps
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.ema = EMA(self.model, settings.ema_decays, settings.ema_period)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.network: nn.Module = self.model  # what the gradient forward goes through
+        if self.dist.enabled:
+            self.network = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if settings.compile:
+            self.network = torch.compile(self.network, backend=settings.compile)
+        self.step = 0
+        self.skipped = 0
+        self.consecutive_skips = 0
+        self.checkpoints = self.output_dir / "checkpoints"
+
+    # -- state ------------------------------------------------------------------------------
+    def resume(self) -> Optional[Path]:
+        path = latest_checkpoint(self.checkpoints)
+        if path is None:
+            return None
+        state = load_checkpoint(path)
+        check_compatible(self.model.state_dict(), state.model)
+        self.model.load_state_dict(state.model)
+        self.ema.load_state_tensors(state.ema)
+        load_optimizer(self.optimizer, state.optimizer, state.trainer["optimizer"])
+        self.schedule.load_state_dict(state.trainer["schedule"])
+        self.source.load_state_dict(state.trainer["data"])
+        ranks = state.trainer["rng"]
+        if len(ranks) != self.dist.world_size:
+            raise ValueError(f"the checkpoint was written by {len(ranks)} processes; resuming with "
+                             f"{self.dist.world_size} would not reproduce the run (use the same number)")
+        _restore_rng(ranks[self.dist.rank], self.generator)
+        self.step = state.step
+        self.skipped = int(state.trainer.get("skipped_steps", 0))
+        return path
+
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint (rank 0) after gathering every rank's RNG state."""
+        rng = self.dist.gather_objects(_rng_state(self.generator))
+        path = None
+        if self.dist.is_main:
+            trainer = {
+                "config": self.config.to_dict(),
+                "model": {"architecture": self.config.model.architecture, "options": self.config.model.options},
+                "data_info": {"sample_shape": list(self.info.sample_shape), "num_classes": self.info.num_classes,
+                              "kind": self.info.kind},
+                "ema_names": list(self.ema.names),
+                "schedule": self.schedule.state_dict(),
+                "data": self.source.state_dict(),
+                "rng": rng,
+                "skipped_steps": self.skipped,
+                "world_size": self.dist.world_size,
+            }
+            settings = self.config.training
+            path = save_checkpoint(self.checkpoints, self.step, self.model.state_dict(), self.ema.state_tensors(),
+                                   optimizer_tensors(self.optimizer), trainer, keep_last=settings.keep_checkpoints,
+                                   milestone_every=settings.milestone_every)
+        self.dist.barrier()
+        return path
+
+    # -- one step ---------------------------------------------------------------------------
+    def train_step(self, autocast) -> Optional[dict[str, float]]:
+        """One optimizer step; None if it was skipped for a non-finite loss or gradient."""
+        x, labels = self.source.next_batch()
+        device = self.dist.device
+        x = x.to(device, non_blocking=True)
+        labels = None if labels is None else labels.to(device, non_blocking=True)
+        with autocast:
+            out = self.objective.loss(self.network, x, labels, generator=self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        clip = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
+        # The gradient norm is taken after DDP's all-reduce, so every rank sees the same value and
+        # makes the same skip decision.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        finite = bool(torch.isfinite(grad_norm)) and not self.dist.any(not bool(torch.isfinite(out.loss)))
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.consecutive_skips += 1
+            message = (f"non-finite loss or gradient at step {self.step + 1} (loss {float(out.loss):.4g}, "
+                       f"gradient norm {float(grad_norm):.4g})")
+            if self.config.training.on_nonfinite == "stop":
+                raise FloatingPointError(message + "; stopping (training.on_nonfinite='stop'). The last "
+                                         "checkpoint is intact; lower optim.lr or set optim.grad_clip")
+            if self.consecutive_skips >= self.config.training.max_consecutive_skips:
+                raise FloatingPointError(message + f"; {self.consecutive_skips} steps in a row were skipped, "
+                                         "stopping. The last checkpoint is intact; lower optim.lr or set "
+                                         "optim.grad_clip")
+            return None
+        self.consecutive_skips = 0
+        self.optimizer.step()
+        self.schedule.step()
+        self.step += 1
+        self.ema.update(self.model, self.step)
+        metrics = {key: float(value) for key, value in out.metrics.items()}
+        metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    def parameters_in_sync(self) -> bool:
+        """True if every rank holds the same weights (a cheap checksum all-reduce)."""
+        if not self.dist.enabled:
+            return True
+        checksum = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
+        gathered = self.dist.gather_objects(float(checksum))
+        return all(value == gathered[0] for value in gathered)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, max_steps: Optional[int] = None) -> TrainResult:
+        settings = self.config.training
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        resumed_from = self.resume()
+        if self.dist.is_main:
+            self.config.save(self.output_dir / "config.json")
+        log = MetricsLog(self.output_dir, self.step, enabled=self.dist.is_main, tensorboard=settings.tensorboard)
+        last = min(settings.steps, max_steps) if max_steps is not None else settings.steps
+        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+        bar = Progress(total=last, initial=self.step, enabled=self.show_progress and self.dist.is_main)
+        window: dict[str, float] = {}
+        count, started, latest = 0, time.perf_counter(), {}
+        grids: list[Path] = []
+        checkpoint = resumed_from
+        saved = resumed_from is not None  # on every rank (only rank 0 gets a path back from save)
+        interrupted = False
+        self.network.train()
+        try:
+            with _StopRequest() as stop:
+                while self.step < last:
+                    metrics = self.train_step(autocast)
+                    if metrics is not None:
+                        for key, value in metrics.items():
+                            window[key] = window.get(key, 0.0) + value
+                        count += 1
+                        bar.update(loss=metrics["loss"], error=metrics["unweighted_error"])
+                    step = self.step
+                    if metrics is not None and (step % settings.log_every == 0 or step == last):
+                        elapsed = time.perf_counter() - started
+                        latest = self.dist.mean_of({key: value / count for key, value in window.items()})
+                        latest.update(step=step, lr=self.optimizer.param_groups[0]["lr"],
+                                      samples_per_second=count * settings.batch_size / max(elapsed, 1e-9),
+                                      skipped_steps=self.skipped, memory_mib=memory_mib(self.dist.device))
+                        log.write(latest)
+                        window, count, started = {}, 0, time.perf_counter()
+                    if metrics is not None and (step % settings.checkpoint_every == 0 or step == last):
+                        checkpoint, saved = self.save(), True
+                    if metrics is not None and settings.sample_every and step % settings.sample_every == 0 \
+                            and step != last and self.dist.is_main:
+                        grids += self._grids(log)
+                    if self.dist.any(stop.requested):
+                        interrupted = True
+                        checkpoint, saved = self.save(), True
+                        break
+            bar.close()
+            if not saved:  # nothing left to train and no checkpoint yet
+                checkpoint = self.save()
+            if not self.parameters_in_sync():
+                raise RuntimeError("ranks hold different weights: gradient synchronisation failed")
+            if self.dist.is_main and not interrupted:
+                grids += self._grids(log)
+        finally:
+            log.close()
+            bar.close()
+        return TrainResult(self.output_dir, checkpoint, grids, self.step, latest, self.skipped, interrupted)
+
+    def _grids(self, log: MetricsLog) -> list[Path]:
+        paths = write_sample_grids(self.model, self.ema, self.config, self.info, self.output_dir / "samples",
+                                   self.step, self.dist.device)
+        log.images(paths, self.step)
+        return paths
+
+
 def train(config: Config, output_dir: str | Path, progress: bool = True, max_steps: Optional[int] = None) -> TrainResult:
     """Train (or resume) the run described by ``config`` in ``output_dir``.
 
     If ``output_dir/checkpoints`` holds a checkpoint, training continues from it: weights, EMA,
-    optimizer, schedule, step, every RNG and the data position are restored, so the result is
-    bit-identical to an uninterrupted run on the same machine. ``max_steps`` stops early after
-    that many steps in total (for tests and staged runs); ``config.training.steps`` stays the
-    schedule's length.
+    optimizer, schedule, step, every rank's RNG state and the data position are restored, so the
+    result is bit-identical to an uninterrupted run on the same machine. ``max_steps`` stops
+    after that many steps in total (``config.training.steps`` stays the schedule's length).
+    Under torchrun every process calls this; rank 0 writes the files.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = output_dir / "checkpoints"
-    settings = config.training
-    device = resolve_device(settings.device)
-
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed % (2**32))
-    random.seed(settings.seed)
-    source, info = build_source(config.data, settings.batch_size, settings.seed)
-    check_model_matches_data(config, info)
-    model = build_model(config.model.architecture, config.model.options).to(device)
-    objective = build_objective(config.objective, info.num_classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
-                                  weight_decay=config.optim.weight_decay)
-    warmup = config.optim.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    ema = EMA(model, settings.ema_decays, settings.ema_period)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-
-    step = 0
-    resume_from = latest_checkpoint(checkpoints)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        check_compatible(model.state_dict(), state.model)
-        model.load_state_dict(state.model)
-        ema.load_state_tensors(state.ema)
-        load_optimizer(optimizer, state.optimizer, state.trainer["optimizer"])
-        schedule.load_state_dict(state.trainer["schedule"])
-        source.load_state_dict(state.trainer["data"])
-        _restore_rng(state.trainer["rng"], generator)
-        step = state.step
-        _truncate_log(output_dir / "metrics.jsonl", step)
-    config.save(output_dir / "config.json")
-
-    def save() -> Path:
-        trainer = {
-            "config": config.to_dict(),
-            "model": {"architecture": config.model.architecture, "options": config.model.options},
-            "data_info": {"sample_shape": list(info.sample_shape), "num_classes": info.num_classes, "kind": info.kind},
-            "ema_names": list(ema.names),
-            "schedule": schedule.state_dict(),
-            "data": source.state_dict(),
-            "rng": _rng_state(generator),
-        }
-        return save_checkpoint(checkpoints, step, model.state_dict(), ema.state_tensors(), optimizer_tensors(optimizer),
-                               trainer, keep_last=settings.keep_checkpoints)
-
-    last_steps = min(settings.steps, max_steps) if max_steps is not None else settings.steps
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
-    bar = Progress(total=last_steps, initial=step, enabled=progress)
-    window: dict[str, float] = {}
-    window_count, window_start, last_metrics = 0, time.perf_counter(), {}
-    grids: list[Path] = []
-    checkpoint = resume_from
-    model.train()
-    with open(output_dir / "metrics.jsonl", "a") as log:
-        while step < last_steps:
-            x, labels = source.next_batch()
-            x = x.to(device, non_blocking=True)
-            labels = None if labels is None else labels.to(device, non_blocking=True)
-            with autocast:
-                out = objective.loss(model, x, labels, generator=generator)
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"non-finite loss {float(out.loss)} at step {step + 1}; no checkpoint was "
-                                         "written for it (lower optim.lr or set optim.grad_clip)")
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            clip = config.optim.grad_clip if config.optim.grad_clip is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            ema.update(model, step)
-
-            for key, value in out.metrics.items():
-                window[key] = window.get(key, 0.0) + float(value)
-            window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
-            window_count += 1
-            bar.update(loss=float(out.metrics["loss"]), error=float(out.metrics["unweighted_error"]))
-            if step % settings.log_every == 0 or step == last_steps:
-                elapsed = time.perf_counter() - window_start
-                last_metrics = {key: value / window_count for key, value in window.items()}
-                last_metrics.update(step=step, lr=optimizer.param_groups[0]["lr"],
-                                    samples_per_second=window_count * settings.batch_size / max(elapsed, 1e-9))
-                log.write(json.dumps(last_metrics) + "\n")
-                log.flush()
-                window, window_count, window_start = {}, 0, time.perf_counter()
-            if step % settings.checkpoint_every == 0 or step == last_steps:
-                checkpoint = save()
-            if settings.sample_every and step % settings.sample_every == 0 and step != last_steps:
-                grids += write_sample_grids(model, ema, config, info, output_dir / "samples", step, device)
-    bar.close()
-    if checkpoint is None:  # nothing left to train: the run was already complete
-        checkpoint = save()
-    grids += write_sample_grids(model, ema, config, info, output_dir / "samples", step, device)
-    return TrainResult(output_dir, checkpoint, grids, step, last_metrics)
+    trainer = Trainer(config, Path(output_dir), progress)
+    try:
+        return trainer.run(max_steps)
+    finally:
+        shutdown(trainer.dist)
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-__all__ = ["TrainResult", "train", "resolve_device", "check_model_matches_data"]
+__all__ = ["TrainResult", "Trainer", "train", "check_model_matches_data"]

@@ -8,8 +8,11 @@ from ..objectives import AdaptiveWeighting, FlowMatching, MeanFlow, TimeSampler,
 from ..objectives.base import Objective
 
 
-def build_objective(config, num_classes: Optional[int]) -> Objective:
-    """A :class:`MeanFlow` or :class:`FlowMatching` from a :class:`meanflow.config.ObjectiveConfig`."""
+def build_objective(config, num_classes: Optional[int], data_parallel: bool = False) -> Objective:
+    """A :class:`MeanFlow` or :class:`FlowMatching` from a :class:`meanflow.config.ObjectiveConfig`.
+
+    ``derivative='auto'`` resolves to 'two_pass' under data parallelism, else 'jvp'.
+    """
     sampler = TimeSampler(
         distribution=config.time_distribution,
         mu=config.mu,
@@ -26,4 +29,7 @@ def build_objective(config, num_classes: Optional[int]) -> Objective:
     if num_classes is not None:
         guidance = TrainingGuidance(omega=config.omega, kappa=config.kappa, t_min=config.t_min, t_max=config.t_max,
                                     class_dropout=config.class_dropout)
-    return MeanFlow(sampler, weighting, num_classes, guidance, config.derivative, config.finite_difference_step)
+    derivative = config.derivative
+    if derivative == "auto":
+        derivative = "two_pass" if data_parallel else "jvp"
+    return MeanFlow(sampler, weighting, num_classes, guidance, derivative, config.finite_difference_step)

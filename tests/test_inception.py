@@ -1,0 +1,170 @@
+"""The TF-FID Inception-v3 wrapper with random weights, and IS / precision-recall closed forms.
+
+The real weights cannot be downloaded here, so the real architecture (torch-fidelity's network
+class) is loaded from a file of random tensors: every path but the numbers of the weights is the
+one used for real FID. The file is written once per module; few images keep this file fast.
+"""
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("scipy")
+inception = pytest.importorskip("meanflow.eval.inception")
+
+from meanflow.eval.inception import (  # noqa: E402
+    INCEPTION_WEIGHTS_FILE,
+    InceptionFeatureExtractor,
+    InceptionScoreStatistics,
+    InceptionWeightsUnavailable,
+    images_to_uint8_rgb,
+    inception_score,
+    precision_recall,
+)
+
+
+def library():
+    try:
+        return inception.inception_module()
+    except ImportError:
+        pytest.skip("torch-fidelity is not installed")
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """A state dict of random tensors for torch-fidelity's Inception-v3, saved as a .pth file.
+
+    He-normal convolutions and identity batch norms keep activations at a sane scale through
+    the ~100 layers, so the features are far from zero and differences between inputs show.
+    """
+    network_class = library().FeatureExtractorInceptionV3
+    with pytest.MonkeyPatch.context() as patch:
+        # Build the bare architecture once to learn the parameter names and shapes.
+        patch.setattr(network_class, "load_state_dict", lambda self, state, strict=True: None)
+        patch.setattr(library(), "load_state_dict_from_url", lambda *args, **kwargs: {})
+        shapes = {key: value.shape for key, value in network_class("probe", ["2048"]).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.zeros((), dtype=torch.long)
+        elif key.endswith("running_var") or key.endswith("bn.weight"):
+            state[key] = torch.ones(shape)
+        elif key.endswith("running_mean") or key.endswith("bn.bias") or key == "fc.bias":
+            state[key] = torch.zeros(shape)
+        else:  # conv and fc weights
+            fan_in = int(np.prod(shape[1:]))
+            state[key] = torch.randn(shape, generator=generator) * (2.0 / fan_in) ** 0.5
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def extractor(random_weights):
+    return InceptionFeatureExtractor(weights_path=random_weights, batch_size=2)
+
+
+def random_images(count, channels=3, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, channels, size, size), generator=generator, dtype=torch.uint8)
+
+
+def test_features_do_not_depend_on_input_type_channels_or_batching(extractor):
+    # Five image forward passes in all: the network is the real 24M-parameter one.
+    rgb, grey = random_images(1, seed=0), random_images(1, channels=1, seed=1)
+    together = extractor(torch.cat([rgb, grey.expand(-1, 3, -1, -1)]))  # one batch of two, uint8
+    assert together.shape == (2, 2048) and together.dtype == torch.float32
+    assert bool(torch.isfinite(together).all()) and float(together.std()) > 1e-3  # not degenerate
+    assert float((together[0] - together[1]).abs().max()) > 1e-3  # the comparisons below can fail
+    as_float = rgb.float() / 127.5 - 1.0  # exactly representable levels: they round back
+    torch.testing.assert_close(extractor(as_float)[0], together[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(extractor(grey)[0], together[1], rtol=1e-4, atol=1e-5)  # 1 channel -> 3
+    larger = random_images(1, channels=1, size=64, seed=2)[:, 0]  # (B, H, W) at 64 x 64
+    features, logits = extractor.features_and_logits(larger)
+    assert features.shape == (1, 2048) and logits.shape == (1, 1008)
+    assert bool(torch.isfinite(features).all()) and bool(torch.isfinite(logits).all())
+
+
+def test_extractor_name_identifies_the_weights(extractor, random_weights):
+    assert extractor.name.startswith("inception-v3-tf2015-")
+    stored = torch.load(random_weights, weights_only=True)
+    assert extractor.fingerprint == inception._state_fingerprint(stored)
+
+
+def test_offline_failure_names_the_file_and_the_option(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(library(), "load_state_dict_from_url", offline)
+    with pytest.raises(InceptionWeightsUnavailable) as raised:
+        InceptionFeatureExtractor()
+    message = str(raised.value)
+    assert INCEPTION_WEIGHTS_FILE in message and "--inception-weights" in message
+
+
+def test_missing_or_wrong_weights_files_are_reported(tmp_path):
+    library()
+    with pytest.raises(InceptionWeightsUnavailable, match="no Inception weights file"):
+        InceptionFeatureExtractor(weights_path=tmp_path / "absent.pth")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="does not hold the TF-FID Inception-v3 weights"):
+        InceptionFeatureExtractor(weights_path=tmp_path / "wrong.pth")
+
+
+def test_image_conversion():
+    floats = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0, 3.0]).reshape(1, 1, 1, 6)
+    converted = images_to_uint8_rgb(floats)
+    assert converted.shape == (1, 3, 1, 6) and converted.dtype == torch.uint8
+    assert converted[0, 0, 0].tolist() == [0, 64, 128, 255, 255, 255]
+    with pytest.raises(ValueError, match="C in"):
+        images_to_uint8_rgb(torch.zeros(1, 2, 4, 4))
+
+
+def test_inception_score_of_uniform_predictions_is_one():
+    mean, std = inception_score(torch.zeros(100, 7), splits=10)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_of_confident_balanced_predictions_is_the_number_of_classes():
+    labels = torch.arange(1000) % 10  # every split of 100 holds each class 10 times
+    logits = 100.0 * torch.nn.functional.one_hot(labels, 10).double()
+    mean, std = inception_score(logits, splits=10)
+    assert mean == pytest.approx(10.0, rel=1e-10) and std == pytest.approx(0.0, abs=1e-9)
+
+
+def test_inception_score_matches_the_direct_formula_and_streams_in_any_order():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((103, 5)) * 2
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = []
+    for s in range(4):
+        part = p[s * 103 // 4:(s + 1) * 103 // 4]
+        p_y = part.mean(0, keepdims=True)
+        scores.append(np.exp((part * (np.log(part) - np.log(p_y))).sum(1).mean()))
+    expected = (np.mean(scores), np.std(scores))
+    assert inception_score(logits, splits=4) == pytest.approx(expected, rel=1e-10)
+    order = rng.permutation(103)
+    streamed = InceptionScoreStatistics(103, 5, splits=4)
+    for chunk in np.array_split(order, 9):
+        streamed.update(logits[chunk], chunk)
+    assert streamed.score() == pytest.approx(expected, rel=1e-10)
+
+
+def test_precision_recall_of_a_set_with_itself_is_one_and_of_far_sets_is_zero():
+    rng = np.random.default_rng(1)
+    points = rng.standard_normal((200, 8))
+    assert precision_recall(points, points, k=3, chunk_size=64) == {"precision": 1.0, "recall": 1.0}
+    far = points + 100.0
+    assert precision_recall(points, far, k=3, chunk_size=64) == {"precision": 0.0, "recall": 0.0}
+
+
+def test_precision_recall_of_a_collapsed_generator():
+    # All fakes near one real point: precise (inside the real manifold) but no recall.
+    rng = np.random.default_rng(2)
+    real = rng.standard_normal((300, 2))
+    fake = real[:1] + 1e-3 * rng.standard_normal((50, 2))
+    scores = precision_recall(real, fake, k=3)
+    assert scores["precision"] == 1.0 and scores["recall"] < 0.05
