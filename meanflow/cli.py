@@ -112,6 +112,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import build_model
+
+    config = _config_from_args(args)
+    with torch.device("meta"):  # count parameters without allocating them
+        model = build_model(config.model.architecture, config.model.options)
+    count = sum(p.numel() for p in model.parameters())
+    print(f"preset:      {args.preset or args.config}")
+    print(f"model:       {config.model.architecture} {json.dumps(config.model.options)}")
+    print(f"parameters:  {count:,} ({count / 1e6:.1f}M)")
+    print(f"data:        {config.data.name}; batch {config.training.batch_size}; {config.training.steps:,} steps")
+    print(f"note:        {config.note}")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import PRESETS, preset
 
@@ -155,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="override the number of training steps of both runs")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=cmd_demo)
+
+    info = commands.add_parser("info", help="show a preset's model size and recipe")
+    info.add_argument("--preset")
+    info.add_argument("--config")
+    info.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE")
+    info.set_defaults(run=cmd_info, steps=None)
 
     presets = commands.add_parser("presets", help="list the presets")
     presets.set_defaults(run=cmd_presets)

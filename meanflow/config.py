@@ -45,13 +45,17 @@ def _choice(section: str, name: str, value, valid) -> None:
 class DataConfig:
     """What to train on.
 
-    name: 'digits' (scikit-learn's 8x8 digits, the embedded default) or 'toy' (2-D
-        distributions, see ``toy``); image data sets are added by later modules.
+    name: 'digits' (scikit-learn's 8x8 digits, the embedded default), 'toy' (2-D
+        distributions, see ``toy``), 'mnist', 'fashion-mnist', 'cifar10' (torchvision download,
+        or a local .npz / torchvision folder given as ``path``), 'folder' (an ImageFolder tree at
+        ``path``, ADM centre crop to ``resolution``, default 256).
     toy: the 2-D distribution when name = 'toy'.
     resolution: resize images to this size (None keeps the native size).
     horizontal_flip: random left-right flips as augmentation.
     class_conditional: use the data set's labels (class-conditional training).
     path: a local file or folder for data sets read from disk.
+    skip_corrupt: skip (and count) unreadable images of a folder instead of failing.
+    vae: the diffusers AutoencoderKL (hub name or local folder) that decodes latents for grids.
     """
 
     name: str = "digits"
@@ -60,6 +64,8 @@ class DataConfig:
     horizontal_flip: bool = False
     class_conditional: bool = True
     path: Optional[str] = None
+    skip_corrupt: bool = False
+    vae: str = "stabilityai/sd-vae-ft-mse"
 
     def __post_init__(self) -> None:
         from .data import DATASETS
