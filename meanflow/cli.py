@@ -39,7 +39,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     output = Path(args.output or f"runs/{args.preset or Path(args.config).stem}")
     started = time.perf_counter()
     result = train(config, output, progress=not args.no_progress)
-    print(f"trained {result.step} steps in {time.perf_counter() - started:.0f} s")
+    if result.interrupted:
+        print(f"stopped by a signal at step {result.step}; run the same command to resume")
+    print(f"trained to step {result.step} in {time.perf_counter() - started:.0f} s")
     print(f"checkpoint: {result.checkpoint}")
     for grid in result.grids:
         print(f"samples:    {grid}")

@@ -1,8 +1,10 @@
 """Run by tests/test_distributed.py, once under torchrun (2 processes) and once alone.
 
-Takes three optimizer steps of MeanFlow (two-pass derivative, guidance in the target) on one
-fixed global batch of explicit (x, noise, r, t, labels); each process uses its slice of the
-batch. Rank 0 writes the final weights to the path given as the first argument.
+Takes three optimizer steps of MeanFlow (guidance in the target) on one fixed global batch of
+explicit (x, noise, r, t, labels); each process uses its slice of the batch. Rank 0 writes the
+final weights to the path given as the first argument. The second argument picks the wrapper:
+``ddp`` (DistributedDataParallel, two-pass derivative) or ``fsdp-<derivative>`` (FSDP2
+``fully_shard`` of every block and the root).
 """
 
 import os
@@ -16,7 +18,7 @@ from meanflow.models.dit import DiT, DiTConfig
 from meanflow.objectives import AdaptiveWeighting, MeanFlow, TrainingGuidance
 
 
-def main(output: str) -> None:
+def main(output: str, mode: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -27,9 +29,18 @@ def main(output: str) -> None:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    network = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    derivative = "two_pass" if mode == "ddp" else mode.split("-", 1)[1]
+    network = model
+    if world > 1 and mode == "ddp":
+        network = torch.nn.parallel.DistributedDataParallel(model)
+    elif world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
     objective = MeanFlow(weighting=AdaptiveWeighting(p=0.75, c=1e-3), num_classes=3,
-                         guidance=TrainingGuidance(omega=1.0, kappa=0.5), derivative="two_pass")
+                         guidance=TrainingGuidance(omega=1.0, kappa=0.5), derivative=derivative)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     batch = 8
@@ -45,11 +56,12 @@ def main(output: str) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output)
+        save_file({k: v.contiguous() for k, v in state.items()}, output)
     if world > 1:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -21,11 +21,13 @@ def torchrun(*args, nproc=2, timeout=600):
     return done
 
 
-def test_two_processes_update_weights_exactly_like_one_process_on_the_global_batch(tmp_path):
-    torchrun(str(HERE / "ddp_worker.py"), str(tmp_path / "ddp.safetensors"))
+@pytest.mark.parametrize("mode", ["ddp", "fsdp-two_pass", "fsdp-jvp"])
+def test_two_processes_update_weights_exactly_like_one_process_on_the_global_batch(tmp_path, mode):
+    """DDP (two-pass JVP) and FSDP2 (either JVP form) against one process on the whole batch."""
+    torchrun(str(HERE / "ddp_worker.py"), str(tmp_path / "ddp.safetensors"), mode)
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path / "single.safetensors")], check=True,
-                   env=env, timeout=300)
+    subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path / "single.safetensors"), mode],
+                   check=True, env=env, timeout=300)
     ddp, single = load_file(tmp_path / "ddp.safetensors"), load_file(tmp_path / "single.safetensors")
     moved = 0.0
     for key in single:

@@ -42,6 +42,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union, get_args
 
@@ -111,8 +112,7 @@ def load_vae(
         from diffusers import AutoencoderKL
     except ImportError as error:
         raise ImportError(
-            "the SD-VAE latents need diffusers; install it with `pip install diffusers safetensors` "
-            "or `pip install meanflow[all]`"
+            "the SD-VAE latents need diffusers; install it with `pip install diffusers safetensors`"
         ) from error
     name = os.fspath(name_or_path)
     local = Path(name).expanduser()
@@ -135,7 +135,10 @@ def load_vae(
     if _missing("accelerate"):
         options["low_cpu_mem_usage"] = False  # the default asks for accelerate and logs a warning
     try:
-        vae = AutoencoderKL.from_pretrained(name, **options)
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument it deprecated; not the user's concern.
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            vae = AutoencoderKL.from_pretrained(name, **options)
     except (OSError, ValueError) as error:
         raise VAEUnavailableError(_vae_unavailable_message(name, local.exists(), error)) from error
     return vae.to(device).eval().requires_grad_(False)
@@ -148,11 +151,11 @@ def _vae_unavailable_message(name: str, is_local: bool, error: Exception) -> str
     offline = " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if _hub_offline() else ""
     return (
         f"could not load the VAE weights '{name}' from the Hugging Face hub or its local cache{offline}: "
-        f"{error}. On a machine with internet access, download them once "
-        f"(`huggingface-cli download {name}`) or save them with "
-        f"AutoencoderKL.from_pretrained('{name}').save_pretrained(FOLDER); then either copy the hub cache "
-        "here and set HF_HUB_OFFLINE=1, or point at the folder (it holds "
-        f"{_VAE_FILES}) with `--vae FOLDER` on the command line or data.vae=FOLDER in the configuration."
+        f"{str(error).rstrip('.')}. On a machine with internet access, download them once into a folder "
+        f"(`hf download {name} --local-dir FOLDER`, or "
+        f"AutoencoderKL.from_pretrained('{name}').save_pretrained(FOLDER)), copy the folder here (it holds "
+        f"{_VAE_FILES}) and pass it as `--vae FOLDER` on the command line or data.vae=FOLDER in the "
+        "configuration; or copy the hub cache here and set HF_HUB_OFFLINE=1."
     )
 
 
@@ -401,7 +404,8 @@ def encode_image_folder(
         "skipped": [Path(path).relative_to(dataset.root).as_posix() for path in dataset.skipped],
     }
     manifest = _start_or_resume(output_dir, settings, labels)
-    shape = tuple(manifest["latent_shape"]) if manifest["latent_shape"] else None
+    # (M, C, h, w) of one image's moments; the latent shape is known once the VAE has run.
+    shape = (len(settings["moments"]), *manifest["latent_shape"]) if manifest["latent_shape"] else None
     finished = {entry["index"] for entry in manifest["shards"]}
     pending = [index for index in range(num_shards) if index not in finished]
     done = sum(entry["count"] for entry in manifest["shards"])
@@ -418,14 +422,8 @@ def encode_image_folder(
     current, buffer, filled = None, None, 0
     try:
         for (images, _), index in zip(loader, owners):
-            x = to_model_range(images)  # (b, 3, R, R) in [-1, 1]
-            b = x.shape[0]
-            if flip:
-                mean, std = encode_moments(vae, torch.cat([x, x.flip(-1)]))  # (2b, C, h, w) each
-                moments = torch.stack([mean[:b], std[:b], mean[b:], std[b:]], dim=1)  # (b, 4, C, h, w)
-            else:
-                mean, std = encode_moments(vae, x)
-                moments = torch.stack([mean, std], dim=1)  # (b, 2, C, h, w)
+            moments = _encode_batch(vae, images, flip)  # (b, M, C, h, w)
+            b = moments.shape[0]
             if shape is None:
                 shape = tuple(moments.shape[1:])
                 manifest["latent_shape"] = list(shape[1:])
@@ -436,7 +434,7 @@ def encode_image_folder(
                 current, filled = index, 0
                 rows = min((index + 1) * shard_size, count) - index * shard_size
                 buffer = np.empty((rows, *shape), dtype=storage_dtype)
-            buffer[filled:filled + b] = moments.cpu().numpy()
+            buffer[filled:filled + b] = moments.numpy()
             filled += b
             bar.images(b)
             if filled == len(buffer):
@@ -457,6 +455,17 @@ def encode_image_folder(
     return output_dir
 
 
+def _encode_batch(vae: nn.Module, images: Tensor, flip: bool) -> Tensor:
+    """uint8 images (b, 3, R, R) -> their moments (b, M, C, h, w) float32 on the CPU, M = 4 or 2."""
+    x = to_model_range(images)  # (b, 3, R, R) in [-1, 1]
+    if not flip:
+        mean, std = encode_moments(vae, x)  # (b, C, h, w) each
+        return torch.stack([mean, std], dim=1).cpu()
+    b = x.shape[0]
+    mean, std = encode_moments(vae, torch.cat([x, x.flip(-1)]))  # one VAE call: (2b, C, h, w) each
+    return torch.stack([mean[:b], std[:b], mean[b:], std[b:]], dim=1).cpu()
+
+
 def _start_or_resume(output_dir: Path, settings: dict, labels: np.ndarray) -> dict:
     """The manifest to continue from: a fresh one, or the existing one with missing shards dropped."""
     manifest_path = output_dir / MANIFEST_NAME
@@ -475,7 +484,8 @@ def _start_or_resume(output_dir: Path, settings: dict, labels: np.ndarray) -> di
         _write_manifest(output_dir, manifest)
         return manifest
     previous = _read_manifest(output_dir)
-    changed = [key for key in settings if previous.get(key) != settings[key]]
+    # The VAE is compared by its weights: a hub name and a local copy of it are the same VAE.
+    changed = [key for key in settings if key != "vae" and previous.get(key) != settings[key]]
     if changed:
         details = "; ".join(f"{key}: cache {_short(previous.get(key))}, now {_short(settings[key])}" for key in changed)
         raise ValueError(
@@ -490,7 +500,8 @@ def _start_or_resume(output_dir: Path, settings: dict, labels: np.ndarray) -> di
             start = entry["start"]
             if _shard_on_disk(output_dir, entry, moment_shape, settings["dtype"], labels[start:start + entry["count"]]):
                 kept.append(entry)
-    manifest = dict(settings, latent_shape=shape, shards=kept, complete=len(kept) == settings["num_shards"])
+    manifest = dict(settings, vae=previous["vae"], latent_shape=shape, shards=kept,
+                    complete=len(kept) == settings["num_shards"])
     if kept != previous.get("shards") or manifest["complete"] != previous.get("complete"):
         _write_manifest(output_dir, manifest)
     return manifest

@@ -228,7 +228,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             self.consecutive_skips += 1
-            message = (f"non-finite loss or gradient at step {self.step + 1} (loss {float(out.loss):.4g}, "
+            message = (f"non-finite loss or gradient at step {self.step + 1} (loss {float(out.loss.detach()):.4g}, "
                        f"gradient norm {float(grad_norm):.4g})")
             if self.config.training.on_nonfinite == "stop":
                 raise FloatingPointError(message + "; stopping (training.on_nonfinite='stop'). The last "
