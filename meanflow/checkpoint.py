@@ -92,7 +92,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tenso
     for index, entries in state["state"].items():
         for key, value in entries.items():
             if isinstance(value, Tensor):
-                tensors[f"{index}/{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}/{key}"] = value.detach()  # callers gather / move to the CPU
             else:
                 scalars[f"{index}/{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}

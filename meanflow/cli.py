@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=cmd_demo)
 
+    from .commands_encode import add_encode_parser
+
+    add_encode_parser(commands)
+
     info = commands.add_parser("info", help="show a preset's model size and recipe")
     info.add_argument("--preset")
     info.add_argument("--config")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .data.latents import DEFAULT_VAE
 from .jvp import Derivative
 from .objectives.time_sampling import MaskMode, TimeDistribution
 
@@ -65,7 +66,7 @@ class DataConfig:
     class_conditional: bool = True
     path: Optional[str] = None
     skip_corrupt: bool = False
-    vae: str = "stabilityai/sd-vae-ft-mse"
+    vae: str = DEFAULT_VAE
 
     def __post_init__(self) -> None:
         from .data import DATASETS
@@ -176,6 +177,9 @@ class TrainingConfig:
     milestone_every: checkpoints at multiples of this step are kept beyond ``keep_checkpoints``.
     compile: a torch.compile backend ('inductor', 'aot_eager', ...) or null for eager.
     tf32: allow TF32 matmuls on GPU.
+    parallel: under torchrun, 'ddp' (a full replica per process) or 'fsdp' (FSDP2: parameters,
+        gradients, optimizer state and EMA sharded across processes, for models too large for one
+        device; checkpoints are gathered to full tensors, so either mode resumes the other's).
     """
 
     steps: int = 1000
@@ -197,6 +201,7 @@ class TrainingConfig:
     tensorboard: bool = False
     compile: Optional[str] = None
     tf32: bool = True
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         s = "training"
@@ -215,6 +220,7 @@ class TrainingConfig:
             _fail(s, "grid_steps", f"must be one or more positive step counts, got {self.grid_steps}")
         _choice(s, "precision", self.precision, PRECISIONS)
         _choice(s, "on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        _choice(s, "parallel", self.parallel, ("ddp", "fsdp"))
         if not isinstance(self.max_consecutive_skips, int) or self.max_consecutive_skips < 1:
             _fail(s, "max_consecutive_skips", f"must be a positive integer, got {self.max_consecutive_skips!r}")
         if not isinstance(self.milestone_every, int) or self.milestone_every < 0:

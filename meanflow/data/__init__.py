@@ -52,7 +52,8 @@ def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: 
         from .latents import LatentBatches, LatentDataset
 
         cache = LatentDataset(config.path)
-        source = LatentBatches(config.path, batch_size, seed, rank, world_size, flip=config.horizontal_flip)
+        source = LatentBatches(config.path, batch_size, seed, rank, world_size, flip=config.horizontal_flip,
+                               class_conditional=config.class_conditional)
         num_classes = len(cache.class_names) if config.class_conditional else None
         return source, DataInfo(tuple(cache.latent_shape), num_classes, "latent")
     images, labels = load_images(config)

@@ -88,3 +88,36 @@ def init_distributed(device_name: str) -> Distributed:
 def shutdown(context: Distributed) -> None:
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_sharded(tensor) -> bool:
+    """True for a DTensor (a parameter or state sharded by FSDP2)."""
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "device_mesh")
+
+
+def gather_full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU (a collective for sharded tensors: every rank must call it)."""
+    if is_sharded(tensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu()
+
+
+def shard_like(full: torch.Tensor, like) -> torch.Tensor:
+    """``full`` laid out like ``like``: sharded the same way if ``like`` is sharded."""
+    if is_sharded(like):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh, like.placements)
+    return full.to(like.device)
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: shard every element of the model's ModuleLists (transformer / U-Net blocks), then
+    the root, so each block's parameters are gathered only while that block runs."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.modules():
+        if isinstance(child, torch.nn.ModuleList):
+            for block in child:
+                fully_shard(block)
+    fully_shard(model)

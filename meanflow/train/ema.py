@@ -67,4 +67,6 @@ class EMA:
                 stored = tensors.get(f"{name}/{key}")
                 if stored is None:
                     raise ValueError(f"the checkpoint has no EMA tensor {name}/{key}")
-                shadow[key].copy_(stored)
+                from .distributed import shard_like
+
+                shadow[key].copy_(shard_like(stored, shadow[key]))

@@ -29,7 +29,7 @@ from ..checkpoint import (
 from ..config import Config
 from ..data import DataInfo, build_source
 from ..models import build_model
-from .distributed import Distributed, init_distributed, shutdown
+from .distributed import Distributed, gather_full, init_distributed, shard_like, shard_model, shutdown
 from .ema import EMA
 from .logging import MetricsLog, memory_mib
 from .objective_factory import build_objective
@@ -144,6 +144,9 @@ class Trainer:
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
         self.model = build_model(config.model.architecture, config.model.options).to(device)
         torch.manual_seed(seed)
+        self.sharded = self.dist.enabled and settings.parallel == "fsdp"
+        if self.sharded:
+            shard_model(self.model)  # before the optimizer and EMA, so their state is sharded too
         self.objective = build_objective(config.objective, self.info.num_classes, data_parallel=self.dist.enabled)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                            weight_decay=config.optim.weight_decay)
@@ -153,7 +156,7 @@ class Trainer:
         self.ema = EMA(self.model, settings.ema_decays, settings.ema_period)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.network: nn.Module = self.model  # what the gradient forward goes through
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             self.network = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         if settings.compile:
@@ -169,10 +172,17 @@ class Trainer:
         if path is None:
             return None
         state = load_checkpoint(path)
-        check_compatible(self.model.state_dict(), state.model)
-        self.model.load_state_dict(state.model)
+        current = self.model.state_dict()
+        check_compatible({k: v for k, v in current.items()}, state.model)
+        self.model.load_state_dict({k: shard_like(state.model[k], v) for k, v in current.items()})
         self.ema.load_state_tensors(state.ema)
-        load_optimizer(self.optimizer, state.optimizer, state.trainer["optimizer"])
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optimizer_state = {}
+        for key, value in state.optimizer.items():
+            index = int(key.split("/", 1)[0])
+            like = parameters[index]
+            optimizer_state[key] = shard_like(value, like) if value.shape == like.shape else value
+        load_optimizer(self.optimizer, optimizer_state, state.trainer["optimizer"])
         self.schedule.load_state_dict(state.trainer["schedule"])
         self.source.load_state_dict(state.trainer["data"])
         ranks = state.trainer["rng"]
@@ -187,6 +197,11 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Write a checkpoint (rank 0) after gathering every rank's RNG state."""
         rng = self.dist.gather_objects(_rng_state(self.generator))
+        # Full tensors on every rank's CPU (collectives under FSDP), written by rank 0 alone.
+        model_state = {k: gather_full(v) for k, v in self.model.state_dict().items()}
+        ema_state = {k: gather_full(v) for k, v in self.ema.state_tensors().items()}
+        optimizer_state, optimizer_data = optimizer_tensors(self.optimizer)
+        optimizer_state = {k: gather_full(v) for k, v in optimizer_state.items()}
         path = None
         if self.dist.is_main:
             trainer = {
@@ -202,8 +217,8 @@ class Trainer:
                 "world_size": self.dist.world_size,
             }
             settings = self.config.training
-            path = save_checkpoint(self.checkpoints, self.step, self.model.state_dict(), self.ema.state_tensors(),
-                                   optimizer_tensors(self.optimizer), trainer, keep_last=settings.keep_checkpoints,
+            path = save_checkpoint(self.checkpoints, self.step, model_state, ema_state,
+                                   (optimizer_state, optimizer_data), trainer, keep_last=settings.keep_checkpoints,
                                    milestone_every=settings.milestone_every)
         self.dist.barrier()
         return path
@@ -251,6 +266,8 @@ class Trainer:
         """True if every rank holds the same weights (a cheap checksum all-reduce)."""
         if not self.dist.enabled:
             return True
+        if self.sharded:  # each rank holds a different shard by design
+            return True
         checksum = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
         gathered = self.dist.gather_objects(float(checksum))
         return all(value == gathered[0] for value in gathered)
@@ -294,7 +311,7 @@ class Trainer:
                     if metrics is not None and (step % settings.checkpoint_every == 0 or step == last):
                         checkpoint, saved = self.save(), True
                     if metrics is not None and settings.sample_every and step % settings.sample_every == 0 \
-                            and step != last and self.dist.is_main:
+                            and step != last:
                         grids += self._grids(log)
                     if self.dist.any(stop.requested):
                         interrupted = True
@@ -305,7 +322,7 @@ class Trainer:
                 checkpoint = self.save()
             if not self.parameters_in_sync():
                 raise RuntimeError("ranks hold different weights: gradient synchronisation failed")
-            if self.dist.is_main and not interrupted:
+            if not interrupted:
                 grids += self._grids(log)
         finally:
             log.close()
@@ -313,8 +330,16 @@ class Trainer:
         return TrainResult(self.output_dir, checkpoint, grids, self.step, latest, self.skipped, interrupted)
 
     def _grids(self, log: MetricsLog) -> list[Path]:
-        paths = write_sample_grids(self.model, self.ema, self.config, self.info, self.output_dir / "samples",
-                                   self.step, self.dist.device)
+        """Sample grids from the first EMA copy; every rank takes part in gathering the weights
+        (sharded under FSDP), rank 0 samples from a plain copy of the model."""
+        weights = {k: gather_full(v) for k, v in self.ema.shadows[self.ema.names[0]].items()}
+        if not self.dist.is_main:
+            return []
+        model = build_model(self.config.model.architecture, self.config.model.options)
+        model.load_state_dict(weights, strict=False)
+        model = model.to(self.dist.device).eval()
+        paths = write_sample_grids(model, self.config, self.info, self.output_dir / "samples", self.step,
+                                   self.dist.device)
         log.images(paths, self.step)
         return paths
 
