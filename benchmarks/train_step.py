@@ -5,14 +5,13 @@
 
 Times are medians over interleaved rounds in one process (so every method sees the same machine
 state); peak memory is measured in a fresh process per method: the peak RSS growth over the
-state after building the model (CPU), or torch.cuda.max_memory_allocated (GPU).
+state after building the model (VmHWM - VmRSS, CPU), or torch.cuda.max_memory_allocated (GPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,16 +91,20 @@ def measure_memory(args, method: str) -> None:
             step()
         print((torch.cuda.max_memory_allocated() - base) / 2**20)
         return
-    base = _rss_mib()
+    base = _status_mib("VmRSS")
     for _ in range(3):
         step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    print(_status_mib("VmHWM") - base)
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status in MiB. VmHWM is the peak RSS of this process image
+    (ru_maxrss would carry the parent's peak across fork + exec)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main() -> None:

@@ -319,3 +319,28 @@ def test_bf16_autocast_keeps_target_in_fp32():
     assert u_tgt.dtype == torch.float32
     # The target's JVP ran without autocast; only v_hat = v here, so it matches fp32 to rounding.
     torch.testing.assert_close(u_tgt, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_two_pass_uses_the_dit_explicit_tangent_and_agrees_with_torch_func():
+    from meanflow.models.dit import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(input_size=4, in_channels=2, patch_size=2, hidden_size=16, depth=2, num_heads=2,
+                          num_classes=3, frequency_size=16)).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    calls = []
+    original = model.forward_with_tangent
+    model.forward_with_tangent = lambda *a: calls.append(1) or original(*a)
+    g = torch.Generator().manual_seed(11)
+    x, e = torch.randn(2, 6, 2, 4, 4, generator=g, dtype=torch.float64)
+    r, t = times(6, equal_every=2)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    guidance = TrainingGuidance(omega=1.0, kappa=0.5)
+    two_pass = MeanFlow(num_classes=3, guidance=guidance, derivative="two_pass")
+    single = MeanFlow(num_classes=3, guidance=guidance, derivative="jvp")
+    _, fast = two_pass.prediction_and_target(model, x, e, r, t, labels)
+    _, reference = single.prediction_and_target(model, x, e, r, t, labels)
+    assert calls == [1]
+    torch.testing.assert_close(fast, reference, atol=1e-12, rtol=1e-10)

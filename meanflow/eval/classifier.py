@@ -70,7 +70,8 @@ class ClassifierConfig:
 class DomainClassifier(nn.Module):
     """Two conv blocks and a ``feature_dim`` penultimate layer.
 
-    ``[conv3x3, ReLU, conv3x3, ReLU, maxpool2] x 2 -> linear(feature_dim) -> ReLU -> linear(classes)``.
+    ``[conv3x3, ReLU, maxpool2] x 2 -> linear(feature_dim) -> ReLU -> linear(classes)``, about 0.4M
+    parameters and 4M multiply-adds per 28 x 28 image: cheap enough to train on a CPU in seconds.
     The features are the penultimate layer *before* its ReLU: without the ReLU's exact zeros
     they are closer to the Gaussian the Fréchet distance assumes, and of full rank.
     """
@@ -80,9 +81,8 @@ class DomainClassifier(nn.Module):
         self.config = config
         c, w = config.in_channels, config.width
         self.blocks = nn.Sequential(
-            nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
+            nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, w, S/2, S/2)
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 2w, S/4, S/4)
         )
         side = config.input_size // 4
         self.penultimate = nn.Linear(2 * w * side * side, config.feature_dim)

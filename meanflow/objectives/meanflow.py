@@ -8,7 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from ..conventions import at_least_fp32, broadcast_like, interpolate, null_class_id
-from ..jvp import Derivative, finite_difference_along_flow, is_data_parallel, jvp_along_flow, unwrap
+from ..jvp import (
+    Derivative,
+    finite_difference_along_flow,
+    is_data_parallel,
+    jvp_along_flow,
+    tangent_along_flow,
+    unwrap,
+)
 from .base import Objective
 from .guidance import TrainingGuidance, guided_velocity
 from .loss import AdaptiveWeighting
@@ -146,7 +153,7 @@ class MeanFlow(Objective):
         rows = _rows_for_jvp(z, r, t, labels, v_hat, moving)
         with torch.no_grad(), _fp32(z):
             if self.derivative is Derivative.TWO_PASS:
-                return jvp_along_flow(bare, *rows)[1]
+                return tangent_along_flow(bare, *rows)
             return finite_difference_along_flow(bare, *rows, step=self.finite_difference_step)
 
 

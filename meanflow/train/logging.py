@@ -13,7 +13,14 @@ def memory_mib(device: torch.device) -> float:
     """Peak memory so far: CUDA allocator peak on GPU, the process's peak RSS on CPU (MiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:  # VmHWM: this process image's peak RSS (ru_maxrss can carry a parent's peak over exec)
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class MetricsLog:

@@ -1,0 +1,146 @@
+"""Checkpoint evaluation end to end with the domain metric on a tiny digits run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("scipy")
+pytest.importorskip("safetensors")
+pytest.importorskip("sklearn")
+
+from meanflow.eval.classifier import DomainFeatureExtractor, save_classifier, train_domain_classifier  # noqa: E402
+from meanflow.eval.evaluate import (  # noqa: E402
+    DOMAIN_NOTE,
+    ReferenceSpec,
+    evaluate_checkpoint,
+    load_reference_images,
+    parse_reference,
+    sample_labels,
+    sample_noise,
+    stream_sample_statistics,
+)
+from meanflow.eval.frechet import FeatureStatistics, save_statistics  # noqa: E402
+from meanflow.inference import load_model  # noqa: E402
+from meanflow.presets import preset  # noqa: E402
+from meanflow.train import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = preset("digits").with_overrides([
+        "training.steps=20", "training.batch_size=32", "training.log_every=10", "training.checkpoint_every=20",
+        "model.options.hidden_size=32", "model.options.depth=2", "model.options.num_heads=2",
+        "training.grid_samples=10", "training.grid_steps=[1]", "training.ema_decays=[0.9, 0.99]",
+    ])
+    folder = tmp_path_factory.mktemp("digits_run")
+    train(config, folder, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    images, labels = load_reference_images(ReferenceSpec("digits", "all"))
+    model = train_domain_classifier(images, labels, steps=60, batch_size=64, seed=0)
+    return save_classifier(model, tmp_path_factory.mktemp("classifier") / "digits", info={"dataset": "digits"})
+
+
+def evaluate(run, classifier, cache, **overrides):
+    settings = dict(num_samples=50, steps_list=(1, 2), metric="domain", reference="digits",
+                    classifier_path=classifier, batch_size=50, seed=3, cache_dir=cache, progress=False)
+    settings.update(overrides)
+    return evaluate_checkpoint(run, **settings)
+
+
+def test_report_records_every_setting_and_the_scores(run, classifier, tmp_path):
+    report = evaluate(run, classifier, tmp_path / "cache", save_samples=tmp_path / "samples", intermediate=0.4)
+    json.dumps(report)  # JSON-able as it stands
+    for key in ("checkpoint", "step", "weights", "metric", "feature_extractor", "classifier", "reference",
+                "num_samples", "seed", "label_mode", "steps", "intermediate", "ode", "guidance_scale",
+                "batch_size", "world_size", "scores", "note", "created", "meanflow_version"):
+        assert key in report, key
+    assert report["step"] == 20 and report["weights"] == "ema_0.9" and report["metric"] == "domain"
+    assert report["num_samples"] == 50 and report["seed"] == 3 and report["label_mode"] == "balanced"
+    assert report["steps"] == [1, 2] and report["note"] == DOMAIN_NOTE
+    assert report["feature_extractor"].startswith("domain-classifier-")
+    reference = report["reference"]
+    assert reference["source"] == "digits:all" and reference["num_images"] == 1797 and reference["resolution"] == 8
+    assert reference["key"] == f"digits-all-8px-uint8-{report['feature_extractor']}"
+    assert (tmp_path / "cache" / f"{reference['key']}.npz").is_file()
+    assert [entry["steps"] for entry in report["scores"]] == [1, 2]
+    assert [entry["nfe"] for entry in report["scores"]] == [1, 2]
+    assert [entry["intermediate"] for entry in report["scores"]] == [None, 0.4]
+    for entry in report["scores"]:
+        assert entry["fid"] > 0 and np.isfinite(entry["fid"]) and 0.0 <= entry["accuracy"] <= 1.0
+    saved = np.load(tmp_path / "samples" / "samples_steps2_t0.4.npy")
+    assert saved.shape == (50, 8, 8, 1) and saved.dtype == np.uint8
+
+
+def test_scores_do_not_depend_on_the_batch_size_and_reuse_the_cache(run, classifier, tmp_path):
+    small = evaluate(run, classifier, tmp_path, batch_size=7)
+    large = evaluate(run, classifier, tmp_path, batch_size=50)
+    for a, b in zip(small["scores"], large["scores"]):
+        assert a["fid"] == pytest.approx(b["fid"], rel=1e-6, abs=1e-8)
+        assert a["accuracy"] == b["accuracy"]
+    assert len(list(tmp_path.glob("*.npz"))) == 1  # computed once, then read back
+
+
+def test_streaming_in_batches_of_7_equals_batches_of_50_and_shards_merge(run, classifier):
+    from meanflow.eval.classifier import load_classifier
+
+    loaded = load_model(run)
+    extractor = DomainFeatureExtractor(load_classifier(classifier))
+    labels = sample_labels(50, loaded.num_classes, "balanced", seed=0)
+
+    def stream(batch_size, rank=0, world_size=1):
+        return stream_sample_statistics(loaded.model, extractor, 50, loaded.sample_shape, 1, labels,
+                                        loaded.num_classes, seed=0, batch_size=batch_size, rank=rank,
+                                        world_size=world_size).features
+
+    whole, streamed = stream(50), stream(7)
+    assert whole.count == streamed.count == 50
+    np.testing.assert_allclose(streamed.mean(), whole.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(streamed.covariance(), whole.covariance(), rtol=1e-4, atol=1e-5)
+    shards = FeatureStatistics(whole.dim)
+    for rank in range(3):
+        shards.merge(stream(7, rank, 3))
+    assert shards.count == 50
+    np.testing.assert_allclose(shards.covariance(), whole.covariance(), rtol=1e-4, atol=1e-5)
+
+
+def test_noise_and_labels_depend_only_on_the_sample_index():
+    noise = sample_noise(4, torch.arange(10), (1, 8, 8))
+    torch.testing.assert_close(sample_noise(4, torch.arange(3, 6), (1, 8, 8)), noise[3:6], rtol=0, atol=0)
+    assert not torch.equal(sample_noise(5, torch.arange(3), (1, 8, 8)), noise[:3])
+    assert sample_labels(12, 10, "balanced", 0).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    random = sample_labels(1000, 10, "random", 0)
+    assert torch.equal(random, sample_labels(1000, 10, "random", 0)) and len(set(random.tolist())) == 10
+    assert sample_labels(5, None, "balanced", 0) is None
+
+
+def test_a_statistics_file_can_be_the_reference(run, classifier, tmp_path):
+    report = evaluate(run, classifier, tmp_path / "cache", steps_list=(1,))
+    cached = tmp_path / "cache" / f"{report['reference']['key']}.npz"
+    from_file = evaluate(run, classifier, tmp_path / "unused", steps_list=(1,), reference=str(cached))
+    assert from_file["scores"][0]["fid"] == pytest.approx(report["scores"][0]["fid"], rel=1e-12)
+    save_statistics(tmp_path / "wrong_dim.npz", np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="dimension 4"):
+        evaluate(run, classifier, tmp_path, steps_list=(1,), reference=str(tmp_path / "wrong_dim.npz"))
+
+
+def test_bad_settings_are_refused(run, classifier, tmp_path):
+    with pytest.raises(ValueError, match="metric must be one of"):
+        evaluate(run, classifier, tmp_path, metric="kid")
+    with pytest.raises(ValueError, match="label_mode must be one of"):
+        evaluate(run, classifier, tmp_path, label_mode="sorted")
+    with pytest.raises(ValueError, match="needs a trained classifier"):
+        evaluate(run, None, tmp_path)
+    with pytest.raises(ValueError, match="torch.distributed"):
+        evaluate(run, classifier, tmp_path, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="splits"):
+        parse_reference("mnist:validation")
+    with pytest.raises(ValueError, match="unknown reference"):
+        parse_reference("cifar100")
+    assert parse_reference("digits:train") == ReferenceSpec("digits", "all")
+    assert parse_reference("fashion-mnist") == ReferenceSpec("fashion_mnist", "train")
