@@ -29,7 +29,8 @@ METHODS = {
     "MeanFlow two_pass": ("mf", "two_pass", None),
     "MeanFlow finite_difference": ("mf", "finite_difference", None),
     "flow matching, cond.": ("fm", None, "cond"),
-    "MeanFlow jvp, CFG w=2 k=0": ("mf", "jvp", (2.0, 0.0)),
+    "MeanFlow two_pass, CFG w=2 k=0": ("mf", "two_pass", (2.0, 0.0)),
+    "MeanFlow two_pass, CFG w=1 k=0.5": ("mf", "two_pass", (1.0, 0.5)),
     "MeanFlow jvp, CFG w=1 k=0.5": ("mf", "jvp", (1.0, 0.5)),
 }
 

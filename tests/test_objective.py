@@ -171,7 +171,7 @@ def test_defaults_are_the_papers():
     assert objective.time_sampler.mu == -0.4 and objective.time_sampler.sigma == 1.0
     assert objective.time_sampler.fraction_r_neq_t == 0.25  # ImageNet: 75% of samples have r = t
     assert (objective.weighting.p, objective.weighting.c) == (1.0, 0.01)
-    assert objective.derivative is Derivative.JVP
+    assert objective.derivative is Derivative.TWO_PASS
     guidance = TrainingGuidance()
     assert guidance.class_dropout == 0.1 and guidance.t_min == 0.0 and guidance.t_max == 1.0
 

@@ -49,7 +49,7 @@ class MeanFlow(Objective):
         weighting: AdaptiveWeighting | None = None,
         num_classes: Optional[int] = None,
         guidance: TrainingGuidance | None = None,
-        derivative: Derivative | str = Derivative.JVP,
+        derivative: Derivative | str = Derivative.TWO_PASS,
         finite_difference_step: float = 1e-3,
     ):
         self.time_sampler = time_sampler or TimeSampler()

@@ -147,7 +147,8 @@ class Trainer:
         self.sharded = self.dist.enabled and settings.parallel == "fsdp"
         if self.sharded:
             shard_model(self.model)  # before the optimizer and EMA, so their state is sharded too
-        self.objective = build_objective(config.objective, self.info.num_classes, data_parallel=self.dist.enabled)
+        self.objective = build_objective(config.objective, self.info.num_classes, data_parallel=self.dist.enabled,
+                                         sharded=self.sharded)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                            weight_decay=config.optim.weight_decay)
         warmup = config.optim.warmup_steps

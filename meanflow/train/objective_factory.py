@@ -8,10 +8,10 @@ from ..objectives import AdaptiveWeighting, FlowMatching, MeanFlow, TimeSampler,
 from ..objectives.base import Objective
 
 
-def build_objective(config, num_classes: Optional[int], data_parallel: bool = False) -> Objective:
+def build_objective(config, num_classes: Optional[int], data_parallel: bool = False, sharded: bool = False) -> Objective:
     """A :class:`MeanFlow` or :class:`FlowMatching` from a :class:`meanflow.config.ObjectiveConfig`.
 
-    ``derivative='auto'`` resolves to 'two_pass' under data parallelism, else 'jvp'.
+    Refuses the single-pass JVP under DDP at start rather than at the first step.
     """
     sampler = TimeSampler(
         distribution=config.time_distribution,
@@ -29,7 +29,7 @@ def build_objective(config, num_classes: Optional[int], data_parallel: bool = Fa
     if num_classes is not None:
         guidance = TrainingGuidance(omega=config.omega, kappa=config.kappa, t_min=config.t_min, t_max=config.t_max,
                                     class_dropout=config.class_dropout)
-    derivative = config.derivative
-    if derivative == "auto":
-        derivative = "two_pass" if data_parallel else "jvp"
-    return MeanFlow(sampler, weighting, num_classes, guidance, derivative, config.finite_difference_step)
+    if data_parallel and config.derivative == "jvp" and not sharded:
+        raise ValueError("objective.derivative='jvp' cannot run through DistributedDataParallel (the JVP would "
+                         "bypass gradient synchronisation); use 'two_pass' (the default) or training.parallel=fsdp")
+    return MeanFlow(sampler, weighting, num_classes, guidance, config.derivative, config.finite_difference_step)
