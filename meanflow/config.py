@@ -15,7 +15,9 @@ from typing import Any, Optional
 
 from .data.latents import DEFAULT_VAE
 from .jvp import Derivative
-from .objectives.time_sampling import MaskMode, TimeDistribution
+from .objectives.guidance import TrainingGuidance
+from .objectives.loss import AdaptiveWeighting
+from .objectives.time_sampling import TimeSampler
 
 METHODS = ("meanflow", "flow_matching")
 PRECISIONS = ("fp32", "bf16")
@@ -24,11 +26,6 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def _fail(section: str, name: str, message: str) -> None:
     raise ValueError(f"{section}.{name} {message}")
-
-
-def _fraction(section: str, name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        _fail(section, name, f"must lie in [0, 1], got {value}")
 
 
 def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
@@ -124,20 +121,27 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         s = "objective"
         _choice(s, "method", self.method, METHODS)
-        _choice(s, "time_distribution", self.time_distribution, [d.value for d in TimeDistribution])
-        _choice(s, "mask_mode", self.mask_mode, [m.value for m in MaskMode])
         _choice(s, "derivative", self.derivative, [d.value for d in Derivative])
-        _positive(s, "sigma", self.sigma)
-        _fraction(s, "fraction_r_neq_t", self.fraction_r_neq_t)
-        _positive(s, "p", self.p, allow_zero=True)
-        _positive(s, "c", self.c)
         _positive(s, "finite_difference_step", self.finite_difference_step)
-        _positive(s, "omega", self.omega, allow_zero=True)
-        if not 0.0 <= self.kappa < 1.0:
-            _fail(s, "kappa", f"must lie in [0, 1), got {self.kappa}")
-        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
-            _fail(s, "t_min", f"and t_max must satisfy 0 <= t_min <= t_max <= 1, got [{self.t_min}, {self.t_max}]")
-        _fraction(s, "class_dropout", self.class_dropout)
+        # The objective's own records validate the rest, so the rules live in one place.
+        try:
+            self.time_sampler()
+            self.weighting()
+            self.guidance()
+        except ValueError as error:
+            raise ValueError(f"objective: {error}") from None
+
+    def time_sampler(self) -> TimeSampler:
+        return TimeSampler(distribution=self.time_distribution, mu=self.mu, sigma=self.sigma,
+                           fraction_r_neq_t=self.fraction_r_neq_t, mask_mode=self.mask_mode, r_mu=self.r_mu,
+                           r_sigma=self.r_sigma)
+
+    def weighting(self) -> AdaptiveWeighting:
+        return AdaptiveWeighting(p=self.p, c=self.c)
+
+    def guidance(self) -> TrainingGuidance:
+        return TrainingGuidance(omega=self.omega, kappa=self.kappa, t_min=self.t_min, t_max=self.t_max,
+                                class_dropout=self.class_dropout)
 
     @property
     def effective_guidance_scale(self) -> float:
