@@ -90,5 +90,5 @@ def test_training_is_deterministic_given_the_seed():
     first = train_domain_classifier(images, labels, steps=3, batch_size=16, seed=5)
     second = train_domain_classifier(images, labels, steps=3, batch_size=16, seed=5)
     assert first.config.num_classes == 3
-    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)

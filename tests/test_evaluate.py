@@ -80,7 +80,7 @@ def test_report_records_every_setting_and_the_scores(run, classifier, tmp_path):
 def test_scores_do_not_depend_on_the_batch_size_and_reuse_the_cache(run, classifier, tmp_path):
     small = evaluate(run, classifier, tmp_path, batch_size=7)
     large = evaluate(run, classifier, tmp_path, batch_size=50)
-    for a, b in zip(small["scores"], large["scores"]):
+    for a, b in zip(small["scores"], large["scores"], strict=True):
         assert a["fid"] == pytest.approx(b["fid"], rel=1e-6, abs=1e-8)
         assert a["accuracy"] == b["accuracy"]
     assert len(list(tmp_path.glob("*.npz"))) == 1  # computed once, then read back
@@ -143,4 +143,88 @@ def test_bad_settings_are_refused(run, classifier, tmp_path):
     with pytest.raises(ValueError, match="unknown reference"):
         parse_reference("cifar100")
     assert parse_reference("digits:train") == ReferenceSpec("digits", "all")
-    assert parse_reference("fashion-mnist") == ReferenceSpec("fashion_mnist", "train")
+    assert parse_reference("fashion_mnist") == ReferenceSpec("fashion-mnist", "train")
+    assert parse_reference("cifar10:test", resolution=32) == ReferenceSpec("cifar10", "test", 32)
+    assert isinstance(parse_reference("VIRTUAL_imagenet256_labeled.npz"), type(tmp_path))
+
+
+def test_array_data_set_references_are_read_like_training_data(shared_data):
+    import os
+
+    path = os.path.join(shared_data, "mnist.npz")
+    images, labels = load_reference_images(ReferenceSpec("mnist", "test"), path)
+    assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.uint8 and labels[:3].tolist() == [7, 2, 1]
+    resized, _ = load_reference_images(ReferenceSpec("mnist", "test", resolution=32), path)
+    assert resized.shape == (10000, 1, 32, 32) and resized.dtype == torch.uint8
+    digits, _ = load_reference_images(ReferenceSpec("digits", "all", resolution=16))
+    assert digits.shape == (1797, 1, 16, 16) and int(digits.max()) == 255 and int(digits.min()) == 0
+
+
+def test_command_line_sweep_trains_a_classifier_and_writes_a_table_json_and_plot(run, tmp_path, capsys):
+    import argparse
+
+    from meanflow.commands_eval import add_eval_parser
+
+    parser = argparse.ArgumentParser(prog="meanflow")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([
+        "eval", "--checkpoint", str(run), "--metric", "domain", "--classifier", str(tmp_path / "classifier"),
+        "--train-classifier", "--classifier-steps", "20", "--num-samples", "30", "--steps", "1", "2",
+        "--sweep", "--intermediate", "0.3", "0.6", "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"),
+        "--json", str(tmp_path / "sweep.json"), "--no-progress",
+    ])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    assert "NOT comparable with Inception FID" in out and "domain FID" in out
+    payload = json.loads((tmp_path / "sweep.json").read_text())
+    rows = payload["table"]
+    # Every EMA by default; per weights: 1 and 2 uniform steps, then 2 steps at each intermediate time.
+    assert [(row["weights"], row["steps"], row["intermediate"]) for row in rows] == [
+        (weights, steps, middle) for weights in ("ema_0.9", "ema_0.99")
+        for steps, middle in ((1, None), (2, None), (2, 0.3), (2, 0.6))]
+    assert len(payload["reports"]) == 6 and all("accuracy" in row for row in rows)
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert (tmp_path / "classifier" / "classifier.json").is_file()
+
+
+def test_command_line_refuses_several_weights_without_sweep(run, tmp_path):
+    import argparse
+
+    from meanflow.commands_eval import add_eval_parser
+
+    parser = argparse.ArgumentParser(prog="meanflow")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", "--checkpoint", str(run), "--weights", "ema_0.9", "raw", "--metric", "domain"])
+    with pytest.raises(ValueError, match="need --sweep"):
+        args.run(args)
+
+
+class ProjectionFeatures:
+    """A stand-in feature network (fixed random projections): exercises the Inception path cheaply."""
+
+    name, dim, num_logits = "projection-test", 16, 5
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.features = torch.randn(64, 16, generator=generator)
+        self.logits = torch.randn(64, 5, generator=generator)
+
+    def features_and_logits(self, images):
+        x = images.float().reshape(len(images), -1) / 255.0  # (B, 64) for 1 x 8 x 8
+        return x @ self.features, x @ self.logits
+
+
+def test_inception_metric_path_reports_the_inception_score(run, tmp_path):
+    save_statistics(tmp_path / "reference.npz", np.zeros(16), np.eye(16), info={"feature_extractor": "projection-test"})
+    settings = dict(num_samples=40, steps_list=(1,), metric="inception", reference=str(tmp_path / "reference.npz"),
+                    seed=0, progress=False, feature_extractor=ProjectionFeatures())
+    report = evaluate_checkpoint(run, batch_size=40, **settings)
+    entry = report["scores"][0]
+    assert report["feature_extractor"] == "projection-test" and "note" not in report
+    assert entry["inception_score_mean"] >= 1.0 and entry["inception_score_std"] >= 0.0 and "accuracy" not in entry
+    streamed = evaluate_checkpoint(run, batch_size=6, **settings)["scores"][0]
+    assert streamed["inception_score_mean"] == pytest.approx(entry["inception_score_mean"], rel=1e-6)
+    assert streamed["fid"] == pytest.approx(entry["fid"], rel=1e-6)
+    save_statistics(tmp_path / "other.npz", np.zeros(16), np.eye(16), info={"feature_extractor": "another-network"})
+    with pytest.raises(ValueError, match="holds statistics of another-network"):
+        evaluate_checkpoint(run, batch_size=40, **dict(settings, reference=str(tmp_path / "other.npz")))

@@ -9,6 +9,8 @@ import urllib.error
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torch_fidelity", reason="torch-fidelity is optional: pip install --no-deps torch-fidelity")
 import torch
 
 pytest.importorskip("scipy")

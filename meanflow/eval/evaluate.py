@@ -15,13 +15,15 @@ the reference images (:func:`meanflow.eval.frechet.frechet_distance`).
 
 Streaming: images are generated, featurised and folded into a
 :class:`~meanflow.eval.frechet.FeatureStatistics` one batch at a time; no image set is ever
-held whole. The noise of sample ``i`` comes from its own generator seeded by ``[seed, i]``
-(:func:`sample_noise`) and its label is a function of ``i``, so the samples, and hence the scores up to float64
-rounding, do not depend on the batch size or on the number of processes. (This is why the
+held whole. The noise of sample ``i`` comes from its own generator seeded by
+``[seed, i]`` (:func:`sample_noise`) and its label is a function of ``i``, so the samples, and
+hence the scores up to float64 rounding, do not depend on the batch size or on the number of
+processes. (This is why the
 samplers are called directly rather than through :func:`meanflow.inference.generate`, whose
 noise is drawn per batch.) Process ``rank`` of ``world_size`` takes the contiguous slice
 ``[rank N / W, (rank + 1) N / W)``; with ``torch.distributed`` initialised the statistics are
-summed across processes before the distance is computed.
+summed across processes before the distance is computed. Latent models are decoded by their
+VAE (``data.vae``) batch by batch before featurising.
 
 Reference statistics of a data set are cached as ``<cache>/<key>.npz`` (ADM's format), the key
 naming the data set, split, resolution, preprocessing and feature extractor (its weights'
@@ -37,11 +39,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..conventions import null_class_id
@@ -50,8 +51,10 @@ from .inception import InceptionScoreStatistics
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-# Data sets a reference can name, and the splits each has. ``digits`` has no split: all 1797.
-REFERENCE_DATASETS = {"digits": ("all",), "mnist": ("train", "test"), "fashion_mnist": ("train", "test")}
+# Data sets a reference can name (the names of ``data.name``), and their splits. ``digits`` has no
+# split: training used all 1797 images.
+REFERENCE_DATASETS = {"digits": ("all",), "mnist": ("train", "test"), "fashion-mnist": ("train", "test"),
+                      "cifar10": ("train", "test")}
 _PREPROCESSING = "uint8"  # images are quantised to 0..255 before features (what a PNG holds)
 DOMAIN_NOTE = ("domain FID: Fréchet distance in the feature space of a classifier trained by this project; "
                "NOT comparable with Inception FID or published numbers, only with scores from the same classifier")
@@ -99,13 +102,13 @@ class ReferenceSpec:
 
 
 def parse_reference(text: Union[str, PathLike], resolution: Optional[int] = None) -> Union[ReferenceSpec, Path]:
-    """``"mnist:test"`` / ``"fashion_mnist"`` (split ``train``) / ``"digits"`` -> a :class:`ReferenceSpec`;
+    """``"mnist:test"`` / ``"cifar10"`` (split ``train``) / ``"digits"`` -> a :class:`ReferenceSpec`;
     a path ending in ``.npz`` -> that statistics file."""
     text = str(text)
     if text.endswith(".npz"):
         return Path(text)
     dataset, _, split = text.partition(":")
-    dataset = dataset.strip().lower().replace("-", "_")
+    dataset = dataset.strip().lower().replace("_", "-")
     if dataset not in REFERENCE_DATASETS:
         raise ValueError(f"unknown reference {text!r}: give a statistics .npz file or one of "
                          f"{sorted(REFERENCE_DATASETS)} with an optional ':split'")
@@ -118,36 +121,26 @@ def parse_reference(text: Union[str, PathLike], resolution: Optional[int] = None
     return ReferenceSpec(dataset, split, resolution)
 
 
-def load_reference_images(spec: ReferenceSpec, data_root: Optional[PathLike] = None) -> tuple[Tensor, Tensor]:
-    """The reference images as uint8 (N, 1, H, W) and their labels (N,).
+def load_reference_images(spec: ReferenceSpec, data_path: Optional[PathLike] = None) -> tuple[Tensor, Tensor]:
+    """The reference images as uint8 (N, C, H, W) and their labels (N,), prepared as for training.
 
-    ``digits`` come from scikit-learn (intensity v in 0..16 -> round(255 v / 16), the uint8 form
-    of the training data). ``mnist`` / ``fashion_mnist`` are read from ``<data_root>/<name>.npz``
-    with the keys ``x_train``, ``y_train``, ``x_test``, ``y_test`` (uint8 (N, 28, 28), the layout
-    of the common ``mnist.npz``); ``data_root`` defaults to ``$MEANFLOW_DATA``. With
-    ``spec.resolution`` set, images are resized bilinearly (as the training data is) and
-    re-quantised.
+    ``digits`` come from scikit-learn (:func:`meanflow.data.digits.load_digits_tensors`, resized
+    to ``spec.resolution`` as training does). The array data sets are read by
+    :func:`meanflow.data.images.load_array_dataset` from ``data_path`` (a local ``.npz`` or
+    torchvision folder, as ``data.path``) or downloaded by torchvision when it is None; with
+    ``spec.resolution`` they are resized by :func:`meanflow.data.images.prepare_images`. Resized
+    images are quantised back to uint8, as generated samples are.
     """
     if spec.dataset == "digits":
-        from ..data.digits import load_digits_tensors
+        from ..data.digits import DIGITS_NATIVE_RESOLUTION, load_digits_tensors
 
-        images, labels = load_digits_tensors()
-        images = quantize_images(images)
-    else:
-        root = data_root or os.environ.get("MEANFLOW_DATA")
-        if root is None:
-            raise ValueError(f"the reference {spec} needs its data file: pass data_root (--data-root) or set "
-                             f"$MEANFLOW_DATA to the folder holding {spec.dataset}.npz")
-        path = Path(root) / f"{spec.dataset}.npz"
-        if not path.is_file():
-            raise FileNotFoundError(f"no {spec.dataset}.npz in {root} (expected x_train, y_train, x_test, y_test)")
-        with np.load(path, allow_pickle=False) as data:
-            images = torch.from_numpy(data[f"x_{spec.split}"]).unsqueeze(1)  # (N, 1, 28, 28) uint8
-            labels = torch.from_numpy(data[f"y_{spec.split}"]).long()
-    if spec.resolution is not None and images.shape[-1] != spec.resolution:
-        resized = F.interpolate(images.float() / 127.5 - 1.0, size=(spec.resolution, spec.resolution),
-                                mode="bilinear", align_corners=False)
-        images = quantize_images(resized)
+        images, labels = load_digits_tensors(spec.resolution or DIGITS_NATIVE_RESOLUTION)
+        return quantize_images(images), labels
+    from ..data.images import load_array_dataset, prepare_images
+
+    images, labels = load_array_dataset(spec.dataset, data_path, spec.split)  # uint8 (N, C, H, W)
+    if spec.resolution is not None and tuple(images.shape[-2:]) != (spec.resolution, spec.resolution):
+        images = quantize_images(prepare_images(images, spec.resolution))
     return images, labels
 
 
@@ -166,7 +159,7 @@ def reference_statistics(
     extractor: FeatureExtractor,
     batch_size: int = 250,
     cache_dir: Optional[PathLike] = None,
-    data_root: Optional[PathLike] = None,
+    data_path: Optional[PathLike] = None,
     rank: int = 0,
     world_size: int = 1,
     device: Union[str, torch.device] = "cpu",
@@ -176,9 +169,9 @@ def reference_statistics(
     ``info`` records the key, the file and the number of images.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    images, _ = load_reference_images(spec, data_root)
+    images, _ = load_reference_images(spec, data_path)
     key = spec.key(extractor.name, images.shape[-1])
-    path = cache / f"{key}.npz"
+    path = (cache / f"{key}.npz").absolute()
     if _everyone(path.is_file(), world_size, device):
         mu, sigma, info = load_statistics_with_info(path)
         return mu, sigma, dict(info or {}, key=key, path=str(path), cached=True)
@@ -230,7 +223,8 @@ def sample_noise(seed: int, indices: Tensor, sample_shape: Sequence[int]) -> Ten
     return torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, *sample_shape))
 
 
-def sample_labels(num_samples: int, num_classes: Optional[int], mode: Union[LabelMode, str], seed: int) -> Optional[Tensor]:
+def sample_labels(num_samples: int, num_classes: Optional[int], mode: Union[LabelMode, str],
+                  seed: int) -> Optional[Tensor]:
     """The labels of all ``num_samples`` samples (None when unconditional)."""
     if num_classes is None:
         return None
@@ -269,11 +263,13 @@ def stream_sample_statistics(
     world_size: int = 1,
     with_inception_score: bool = False,
     save_to: Optional[Path] = None,
+    decode: Optional[Callable[[Tensor], Tensor]] = None,
     progress=None,
 ) -> SampleStatistics:
     """Generate this process's slice of the samples batch by batch and fold their features in.
 
-    Nothing is reduced across processes here. ``save_to`` (a ``.npy`` path) receives this
+    Nothing is reduced across processes here. ``decode`` maps a batch of samples to images in
+    [-1, 1] (the VAE decoder of a latent model). ``save_to`` (a ``.npy`` path) receives this
     slice's uint8 images as (n, H, W, C), written batch by batch through a memory map.
     """
     from ..sampling import sample, sample_ode
@@ -286,10 +282,6 @@ def stream_sample_statistics(
         splits = min(INCEPTION_SCORE_SPLITS, num_samples)
         statistics.inception_score = InceptionScoreStatistics(num_samples, extractor.num_logits, splits, device)
     saved = None
-    if save_to is not None:
-        save_to.parent.mkdir(parents=True, exist_ok=True)
-        channels, height, width = sample_shape
-        saved = np.lib.format.open_memmap(save_to, mode="w+", dtype=np.uint8, shape=(end - start, height, width, channels))
     for first in range(start, end, batch_size):
         indices = torch.arange(first, min(first + batch_size, end))
         noise = sample_noise(seed, indices, sample_shape).to(device)
@@ -301,6 +293,8 @@ def stream_sample_statistics(
             else:
                 samples = sample_ode(model, noise, batch_labels, num_steps=num_steps, method=ode,
                                      guidance_scale=guidance_scale, null_label=null)
+            if decode is not None:
+                samples = decode(samples)  # latents (B, c, h, w) -> images (B, 3, H, W)
         images = quantize_images(samples)  # (B, C, H, W) uint8: what a saved PNG would hold
         features, logits = extractor.features_and_logits(images)
         statistics.features.update(features)
@@ -309,6 +303,10 @@ def stream_sample_statistics(
         if batch_labels is not None and logits.shape[1] == num_classes:
             statistics.correct += int((logits.argmax(dim=1) == batch_labels.to(logits.device)).sum())
             statistics.labelled += len(indices)
+        if save_to is not None and saved is None:  # opened at the first batch, which tells the image shape
+            save_to.parent.mkdir(parents=True, exist_ok=True)
+            saved = np.lib.format.open_memmap(save_to, mode="w+", dtype=np.uint8,
+                                              shape=(end - start, *images.shape[2:], images.shape[1]))
         if saved is not None:
             saved[first - start:first - start + len(indices)] = images.permute(0, 2, 3, 1).cpu().numpy()
         if progress is not None:
@@ -340,7 +338,8 @@ def evaluate_checkpoint(
     guidance_scale: float = 1.0,
     inception_weights: Optional[PathLike] = None,
     cache_dir: Optional[PathLike] = None,
-    data_root: Optional[PathLike] = None,
+    data_path: Optional[PathLike] = None,
+    vae: Optional[str] = None,
     feature_extractor: Optional[FeatureExtractor] = None,
 ) -> dict[str, Any]:
     """FID (and IS or class accuracy) of a checkpoint's samples for each number of steps.
@@ -352,8 +351,8 @@ def evaluate_checkpoint(
         weights: an EMA name (``ema_0.9999``) or ``raw``; default the first EMA.
         metric: ``inception`` (TF-FID Inception-v3) or ``domain`` (a project-trained classifier).
         reference: an ``.npz`` of statistics (ours or ADM's), or a data set ``name[:split]``
-            (``digits``, ``mnist:test``, ``fashion_mnist:train``...). Default: the data set the
-            checkpoint was trained on, training split, at the model's resolution.
+            (``digits``, ``mnist:test``, ``fashion-mnist``, ``cifar10:train``...). Default: the
+            data set the checkpoint was trained on, training split, at the model's resolution.
         classifier_path: the domain classifier folder (metric ``domain``).
         batch_size: samples generated and featurised at a time (memory only).
         seed: sample ``i``'s noise is seeded by ``[seed, i]``; also seeds random labels.
@@ -362,14 +361,17 @@ def evaluate_checkpoint(
         ode: ``euler`` / ``heun`` integrates u(z, t, t) instead; a flow-matching checkpoint
             uses ``euler`` when this is None.
         save_samples: a folder receiving each setting's uint8 samples (one ``.npy`` per process).
-        device: where the model and the feature network run.
+        device: where the model and the feature network run (``auto``: CUDA when available).
         progress: show a progress bar (on rank 0).
         rank, world_size: this process's share; with ``world_size > 1`` torch.distributed must be
             initialised (statistics are all-reduced).
         guidance_scale: inference-time CFG (doubles the NFE).
         inception_weights: a local copy of the TF-FID Inception weights.
         cache_dir: the reference statistics cache (default :func:`default_cache_dir`).
-        data_root: the folder of ``mnist.npz`` / ``fashion_mnist.npz`` (default ``$MEANFLOW_DATA``).
+        data_path: where a reference data set is read from (a local ``.npz`` or torchvision folder,
+            as ``data.path``); default the checkpoint's ``data.path`` when the reference is the
+            data set it was trained on, else a torchvision download.
+        vae: the VAE that decodes a latent model's samples (default the run's ``data.vae``).
         feature_extractor: a ready extractor to reuse across calls (sweeps); overrides the above.
 
     Returns:
@@ -397,11 +399,25 @@ def evaluate_checkpoint(
     if ode is not None and ode not in ("euler", "heun"):
         raise ValueError(f"ode must be 'euler', 'heun' or None, got {ode!r}")
 
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     loaded = load_model(checkpoint, weights, device)
-    if loaded.kind != "image" or len(loaded.sample_shape) != 3:
+    data_config = loaded.config.get("data", {})
+    if loaded.kind not in ("image", "latent") or len(loaded.sample_shape) != 3:
         raise ValueError(f"FID evaluation needs an image model, but this checkpoint generates {loaded.kind} of shape "
                          f"{loaded.sample_shape}; for 2-D toys use meanflow.eval.distances")
+    decode, vae_name, image_side = None, None, loaded.sample_shape[-1]
+    if loaded.kind == "latent":
+        from ..data.latents import decode_latents, load_vae
+
+        vae_name = vae or data_config.get("vae")
+        decoder = load_vae(vae_name, device=device)
+
+        def decode(latents: Tensor) -> Tensor:
+            return decode_latents(decoder, latents, batch_size=min(batch_size, 32))
+
+        image_side = data_config.get("resolution") or 8 * loaded.sample_shape[-1]  # the SD-VAE's 8x
     if ode is None and loaded.config.get("objective", {}).get("method") == "flow_matching":
         ode = "euler"  # a flow-matching network is a velocity field: u(z, r, t) is only trained at r = t
     extractor = feature_extractor or build_feature_extractor(metric, inception_weights, classifier_path, device,
@@ -409,11 +425,13 @@ def evaluate_checkpoint(
 
     # Reference statistics: a file, or a data set (cached).
     if reference is None:
-        reference = loaded.config.get("data", {}).get("name", "")
+        reference = data_config.get("name", "")
         if reference not in REFERENCE_DATASETS:
             raise ValueError(f"this checkpoint was trained on {reference!r}, which has no built-in reference; "
                              "give reference (--reference) as a statistics .npz or a data set name")
-    parsed = parse_reference(reference, resolution=loaded.sample_shape[-1])
+    parsed = parse_reference(reference, resolution=image_side)
+    if data_path is None and isinstance(parsed, ReferenceSpec) and parsed.dataset == data_config.get("name"):
+        data_path = data_config.get("path")
     if isinstance(parsed, Path):
         mu_ref, sigma_ref, info = load_statistics_with_info(parsed)
         stored_extractor = (info or {}).get("feature_extractor")
@@ -422,7 +440,7 @@ def evaluate_checkpoint(
         reference_report = {"source": str(parsed), "statistics": str(parsed.resolve()),
                             "num_images": (info or {}).get("num_images")}
     else:
-        mu_ref, sigma_ref, info = reference_statistics(parsed, extractor, batch_size, cache_dir, data_root, rank,
+        mu_ref, sigma_ref, info = reference_statistics(parsed, extractor, batch_size, cache_dir, data_path, rank,
                                                        world_size, device)
         reference_report = {"source": str(parsed), "statistics": info["path"], "key": info["key"],
                             "num_images": info["num_images"], "resolution": info["resolution"]}
@@ -450,7 +468,7 @@ def evaluate_checkpoint(
             gathered = stream_sample_statistics(
                 loaded.model, extractor, num_samples, loaded.sample_shape, num_steps, labels, loaded.num_classes,
                 seed, batch_size, step_intermediate, ode, guidance_scale, device, rank, world_size,
-                with_inception_score=metric is Metric.INCEPTION, save_to=save_to, progress=bar)
+                with_inception_score=metric is Metric.INCEPTION, save_to=save_to, decode=decode, progress=bar)
             _reduce(gathered.features, world_size)
             fid = frechet_distance(*gathered.features.mean_and_covariance(), mu_ref, sigma_ref)
             entry: dict[str, Any] = {"steps": num_steps, "nfe": _nfe(num_steps, ode, guidance_scale),
@@ -463,7 +481,8 @@ def evaluate_checkpoint(
                 counts = torch.tensor([gathered.correct, gathered.labelled], dtype=torch.float64, device=device)
                 if world_size > 1:
                     torch.distributed.all_reduce(counts)
-                entry["accuracy"] = float(counts[0] / counts[1])
+                if counts[1] > 0:  # 0 when the classifier's classes are not the model's
+                    entry["accuracy"] = float(counts[0] / counts[1])
             if save_to is not None:
                 entry["samples_file"] = str(save_to)
             entry["seconds"] = time.perf_counter() - started
@@ -482,6 +501,7 @@ def evaluate_checkpoint(
         "feature_extractor": extractor.name,
         "classifier": None if classifier_path is None else str(Path(classifier_path).resolve()),
         "inception_weights": None if inception_weights is None else str(Path(inception_weights).resolve()),
+        "vae": vae_name,
         "reference": reference_report,
         "num_samples": num_samples,
         "seed": seed,

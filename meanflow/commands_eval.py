@@ -1,0 +1,259 @@
+"""``meanflow eval``: score a checkpoint by FID (and IS or class accuracy) for several step counts.
+
+    meanflow eval --checkpoint runs/cifar10 --num-samples 50000 --steps 1 2 --reference cifar10_stats.npz
+    meanflow eval --checkpoint runs/digits --metric domain --classifier classifiers/digits \\
+        --train-classifier --num-samples 2000 --steps 1 2 4 --json digits_eval.json
+    meanflow eval --checkpoint runs/digits --metric domain --classifier classifiers/digits \\
+        --sweep --intermediate 0.3 0.5 0.7 --plot sweep.png
+
+Under ``torchrun`` every process generates its share of the samples and the statistics are
+summed; only rank 0 prints and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``meanflow eval`` on the ``subparsers`` of the ``meanflow`` command."""
+    parser = subparsers.add_parser(
+        "eval", help="FID / IS / class accuracy of a checkpoint's samples",
+        description="Score a checkpoint by the standard protocol: FID of --num-samples generated images against "
+                    "reference statistics, for each --steps. The 'domain' metric uses a classifier trained by this "
+                    "project; its FID is NOT comparable with Inception FID.")
+    parser.add_argument("--checkpoint", required=True, help="a run folder or a checkpoints/step_<n> folder")
+    parser.add_argument("--num-samples", type=int, default=50000, help="samples in total (default 50000: FID-50K)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="sampling step counts to score")
+    parser.add_argument("--weights", nargs="+", help="EMA name(s) such as ema_0.9999, or raw (default: the first EMA; "
+                                                     "with --sweep: every EMA)")
+    parser.add_argument("--metric", choices=["inception", "domain"], default="inception")
+    parser.add_argument("--reference", help="statistics .npz (ours or ADM's) or a data set: digits, "
+                                            "mnist, fashion-mnist or cifar10, with :train or :test "
+                                            "(default: the checkpoint's data set, training split)")
+    parser.add_argument("--classifier", help="domain classifier folder (metric domain)")
+    parser.add_argument("--train-classifier", action="store_true",
+                        help="train the domain classifier on the reference data set's training split and save it "
+                             "to --classifier first (skipped when the folder already holds one)")
+    parser.add_argument("--classifier-steps", type=int, default=500, help="training steps of --train-classifier")
+    parser.add_argument("--inception-weights", help="local copy of weights-inception-2015-12-05-6726825d.pth "
+                                                    "(for machines without internet)")
+    parser.add_argument("--batch-size", type=int, default=250, help="samples per batch (memory only)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-mode", choices=["balanced", "random"], default="balanced",
+                        help="labels of conditional samples: every class equally often, or uniform draws")
+    parser.add_argument("--intermediate", type=float, nargs="+",
+                        help="middle time(s) of 2-step sampling (several only with --sweep)")
+    parser.add_argument("--ode", choices=["euler", "heun"], help="integrate u(z, t, t) instead (flow-matching models)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="inference-time CFG (doubles the NFE)")
+    parser.add_argument("--save-samples", help="folder for the uint8 samples (.npy, N x H x W x C)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--cache-dir", help="reference statistics cache (default ~/.cache/meanflow/stats)")
+    parser.add_argument("--data-path", help="local .npz or torchvision folder of the reference data set (default: "
+                                            "the run's data.path when the reference is its data set)")
+    parser.add_argument("--vae", help="the VAE decoding a latent model's samples (default: the run's data.vae)")
+    parser.add_argument("--json", help="write the report (or, with --sweep, all reports) to this JSON file")
+    parser.add_argument("--sweep", action="store_true",
+                        help="score every --weights (default: every EMA) x --steps, plus 2-step sampling at each "
+                             "--intermediate; print a table and plot the score against the NFE")
+    parser.add_argument("--plot", help="the sweep's PNG (default: beside --json, else eval_sweep.png)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(run=cmd_eval)
+    return parser
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run ``meanflow eval``; returns the exit code."""
+    from .eval.evaluate import build_feature_extractor, evaluate_checkpoint
+    from .train.distributed import init_distributed, shutdown
+
+    if args.device.startswith("cuda:"):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("under torchrun give --device cuda (each process takes its LOCAL_RANK GPU), not cuda:N")
+        context, device = None, args.device
+    else:
+        context = init_distributed(args.device)
+        device = str(context.device)
+    rank, world_size = (context.rank, context.world_size) if context is not None else (0, 1)
+    try:
+        weights_list = _weights_to_score(args)
+        intermediates = list(args.intermediate or [])
+        if not args.sweep and (len(weights_list) > 1 or len(intermediates) > 1):
+            raise ValueError("several --weights or --intermediate values need --sweep")
+        if args.metric == "domain" and args.train_classifier:
+            _train_classifier_if_missing(args, rank, world_size)
+        extractor = build_feature_extractor(args.metric, args.inception_weights, args.classifier, device,
+                                            args.batch_size)
+        common = dict(num_samples=args.num_samples, metric=args.metric, reference=args.reference,
+                      classifier_path=args.classifier, batch_size=args.batch_size, seed=args.seed,
+                      label_mode=args.label_mode, ode=args.ode, device=device, progress=not args.no_progress,
+                      rank=rank, world_size=world_size, guidance_scale=args.guidance_scale,
+                      inception_weights=args.inception_weights, cache_dir=args.cache_dir, data_path=args.data_path,
+                      vae=args.vae, feature_extractor=extractor)
+        reports = []
+        for weights in weights_list:
+            if args.sweep:
+                reports.append(evaluate_checkpoint(args.checkpoint, steps_list=args.steps, weights=weights,
+                                                   save_samples=_samples_folder(args, weights), **common))
+                for intermediate in intermediates:
+                    reports.append(evaluate_checkpoint(args.checkpoint, steps_list=[2], weights=weights,
+                                                       intermediate=intermediate,
+                                                       save_samples=_samples_folder(args, weights),
+                                                       **common))
+            else:
+                reports.append(evaluate_checkpoint(args.checkpoint, steps_list=args.steps, weights=weights,
+                                                   intermediate=intermediates[0] if intermediates else None,
+                                                   save_samples=args.save_samples, **common))
+        if rank == 0:
+            rows = table_rows(reports)
+            _print_summary(reports[0], rows)
+            if args.json:
+                from .io import write_text_atomic
+
+                payload: Any = {"reports": reports, "table": rows} if args.sweep else reports[0]
+                write_text_atomic(Path(args.json), json.dumps(payload, indent=2) + "\n")
+                print(f"report: {args.json}")
+            if args.sweep:
+                plot = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json
+                                                          else Path("eval_sweep.png"))
+                plot_sweep(rows, plot, reports[0]["metric"])
+                print(f"plot: {plot}")
+        return 0
+    finally:
+        if context is not None:
+            shutdown(context)
+
+
+def table_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per (weights, steps, intermediate) across reports."""
+    rows = []
+    for report in reports:
+        for entry in report["scores"]:
+            row = {"weights": report["weights"], "steps": entry["steps"], "intermediate": entry["intermediate"],
+                   "nfe": entry["nfe"], "fid": entry["fid"]}
+            for key in ("inception_score_mean", "inception_score_std", "accuracy"):
+                if key in entry:
+                    row[key] = entry[key]
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], metric: str) -> str:
+    """A fixed-width text table of the rows."""
+    label = "FID" if metric == "inception" else "domain FID"
+    extra = [key for key in ("inception_score_mean", "accuracy") if any(key in row for row in rows)]
+    titles = {"inception_score_mean": "IS", "accuracy": "accuracy"}
+    header = f"{'weights':>14} {'steps':>5} {'t_mid':>6} {'NFE':>4} {label:>11}" + "".join(
+        f" {titles[key]:>9}" for key in extra)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        middle = "-" if row["intermediate"] is None else f"{row['intermediate']:g}"
+        line = f"{row['weights']:>14} {row['steps']:>5} {middle:>6} {row['nfe']:>4} {row['fid']:>11.4f}"
+        for key in extra:
+            line += f" {row[key]:>9.4f}" if key in row else f" {'-':>9}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
+    """Score against NFE: a line per weights over the uniform grids, the 2-step intermediate
+    times as labelled points."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import write_bytes_atomic
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for index, weights in enumerate(dict.fromkeys(row["weights"] for row in rows)):
+        color = f"C{index % 10}"
+        uniform = sorted((row["nfe"], row["fid"]) for row in rows
+                         if row["weights"] == weights and row["intermediate"] is None)
+        if uniform:
+            axes.plot(*zip(*uniform, strict=True), marker="o", color=color, label=weights)
+        for row in rows:
+            if row["weights"] == weights and row["intermediate"] is not None:
+                axes.scatter(row["nfe"], row["fid"], marker="x", color=color)
+                axes.annotate(f"t={row['intermediate']:g}", (row["nfe"], row["fid"]), fontsize=7,
+                              xytext=(4, 2), textcoords="offset points")
+    axes.set_xlabel("NFE")
+    axes.set_ylabel("FID" if metric == "inception" else "domain FID (not comparable with Inception FID)")
+    axes.set_xscale("log", base=2)
+    nfes = sorted({row["nfe"] for row in rows})
+    axes.set_xticks(nfes, [str(nfe) for nfe in nfes])
+    axes.minorticks_off()
+    axes.grid(alpha=0.3)
+    axes.legend(title="weights", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def _print_summary(report: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    print(f"checkpoint {report['checkpoint']} (step {report['step']}), {report['num_samples']} samples, "
+          f"seed {report['seed']}, reference {report['reference']['source']}, features {report['feature_extractor']}")
+    if "note" in report:
+        print(f"note: {report['note']}")
+    print(format_table(rows, report["metric"]))
+
+
+def _weights_to_score(args: argparse.Namespace) -> list[Optional[str]]:
+    if args.weights:
+        return list(args.weights)
+    if not args.sweep:
+        return [None]
+    from .checkpoint import load_checkpoint
+
+    names = list(load_checkpoint(Path(args.checkpoint)).trainer.get("ema_names", []))
+    return names or ["raw"]
+
+
+def _samples_folder(args: argparse.Namespace, weights: Optional[str]) -> Optional[str]:
+    """A sweep keeps each weights' samples apart (file names already tell steps and times)."""
+    return None if args.save_samples is None else str(Path(args.save_samples) / (weights or "default"))
+
+
+def _train_classifier_if_missing(args: argparse.Namespace, rank: int, world_size: int) -> None:
+    """Train and save the domain classifier on the reference data set (rank 0; others wait)."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .eval.classifier import CONFIG_FILE, classifier_accuracy, save_classifier, train_domain_classifier
+    from .eval.evaluate import ReferenceSpec, load_reference_images, parse_reference
+
+    if args.classifier is None:
+        raise ValueError("--train-classifier needs --classifier PATH (where to save it)")
+    if rank == 0 and not (Path(args.classifier) / CONFIG_FILE).is_file():
+        data_config = load_checkpoint(Path(args.checkpoint)).trainer["config"]["data"]
+        spec = parse_reference(args.reference or data_config["name"])
+        if isinstance(spec, Path):
+            raise ValueError("--train-classifier needs a data set as --reference (it trains on its images), "
+                             "not a statistics file")
+        data_path = args.data_path or (data_config.get("path") if spec.dataset == data_config["name"] else None)
+        train_split = "all" if spec.dataset == "digits" else "train"
+        images, labels = load_reference_images(ReferenceSpec(spec.dataset, train_split), data_path)
+        print(f"training a domain classifier on {spec.dataset}:{train_split} ({len(images)} images, "
+              f"{args.classifier_steps} steps)", flush=True)
+        model = train_domain_classifier(images, labels, steps=args.classifier_steps, seed=args.seed)
+        info: dict[str, Any] = {"dataset": spec.dataset, "split": train_split, "steps": args.classifier_steps,
+                                "seed": args.seed}
+        if spec.dataset != "digits":
+            test_images, test_labels = load_reference_images(ReferenceSpec(spec.dataset, "test"), data_path)
+            info["test_accuracy"] = classifier_accuracy(model, test_images, test_labels)
+            print(f"test accuracy {info['test_accuracy']:.4f}")
+        save_classifier(model, args.classifier, info)
+        print(f"classifier: {args.classifier}")
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+__all__ = ["add_eval_parser", "cmd_eval", "format_table", "plot_sweep", "table_rows"]
