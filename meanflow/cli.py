@@ -4,6 +4,8 @@
     meanflow sample --checkpoint runs/digits --num-samples 64 --steps 1
     meanflow demo
     meanflow presets
+    meanflow encode --images ROOT --output CACHE
+    meanflow eval --checkpoint runs/digits --metric domain --reference digits --steps 1 2 4
 """
 
 from __future__ import annotations
@@ -176,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     from .commands_encode import add_encode_parser
+    from .commands_eval import add_eval_parser
 
     add_encode_parser(commands)
+    add_eval_parser(commands)
 
     info = commands.add_parser("info", help="show a preset's model size and recipe")
     info.add_argument("--preset")
