@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,13 +43,6 @@ def load_model(path: str | Path, weights: Optional[str] = None, device: str | to
     name = weights or (checkpoint.trainer["ema_names"] or ["raw"])[0]
     return LoadedModel(model.to(device).eval(), name, checkpoint.step, tuple(info["sample_shape"]),
                        info["num_classes"], info["kind"], checkpoint.trainer["config"])
-
-
-def ema_model(model: nn.Module, ema, name: Optional[str] = None) -> nn.Module:
-    """A detached copy of ``model`` holding the EMA weights ``name`` (default: the first)."""
-    copy_ = copy.deepcopy(model)
-    ema.copy_to(copy_, name or ema.names[0])
-    return copy_.eval()
 
 
 def balanced_labels(num_samples: int, num_classes: Optional[int], device=None) -> Optional[Tensor]:

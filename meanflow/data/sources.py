@@ -81,7 +81,7 @@ class TensorBatches:
         x = self.data[rows]
         if self.horizontal_flip:
             # The flip decision depends on (seed, epoch, offset) only: reproducible after resume.
-            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.offset)) % (2**63))
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.offset)
             flips = torch.rand(global_batch, generator=generator)[self.rank * self.batch_size:][: self.batch_size] < 0.5
             x = torch.where(flips[:, None, None, None], x.flip(-1), x)
         self.offset += global_batch
