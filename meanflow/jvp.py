@@ -82,9 +82,20 @@ def tangent_along_flow(
     it has one, else ``torch.func.jvp``. Returns z's shape."""
     with torch.no_grad():
         explicit = getattr(model, "forward_with_tangent", None)
-        if explicit is not None:
+        # FSDP2 gathers sharded parameters in hooks around __call__, which a direct method call
+        # bypasses; sharded models go through torch.func.jvp, which calls the module.
+        if explicit is not None and not _is_sharded(model):
             return explicit(z, r, t, labels, velocity, torch.zeros_like(r), torch.ones_like(t))[1]
         return jvp_along_flow(model, z, r, t, labels, velocity)[1]
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """True if FSDP2 manages the module (``fully_shard`` swaps in an FSDPModule subclass)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def finite_difference_along_flow(
