@@ -5,12 +5,16 @@ class) is loaded from a file of random tensors: every path but the numbers of th
 one used for real FID. The file is written once per module; few images keep this file fast.
 """
 
+import importlib.util
 import urllib.error
 
 import numpy as np
 import pytest
 
-pytest.importorskip("torch_fidelity", reason="torch-fidelity is optional: pip install --no-deps torch-fidelity")
+# Not importorskip: ``import torch_fidelity`` itself needs torchvision, which this project never
+# installs; meanflow imports torch-fidelity's torch-only Inception module alone.
+if importlib.util.find_spec("torch_fidelity") is None:
+    pytest.skip("torch-fidelity is optional: pip install --no-deps torch-fidelity", allow_module_level=True)
 import torch
 
 pytest.importorskip("scipy")

@@ -15,7 +15,9 @@ class MLPConfig:
     """Hyper-parameters of :class:`MLP`.
 
     data_dim: size of each sample (2 for the toys); hidden_size: width; depth: hidden layers;
-    num_classes: None for unconditional data; frequency_size: sinusoidal features per time.
+    num_classes: None for unconditional data; frequency_size: sinusoidal features per time;
+    condition_blocks: also add a learned projection of the conditioning vector inside every
+    block (not only at the input).
     """
 
     data_dim: int = 2
@@ -23,6 +25,7 @@ class MLPConfig:
     depth: int = 4
     num_classes: Optional[int] = None
     frequency_size: int = 64
+    condition_blocks: bool = True
 
     def __post_init__(self) -> None:
         for name in ("data_dim", "hidden_size", "depth", "frequency_size"):
@@ -43,7 +46,10 @@ class MLP(nn.Module):
     """``u(z, r, t, y)`` for flat data. z: (B, D) -> (B, D).
 
     The conditioning vector c = embed(t) + embed(t - r) [+ embed(y)] is added to the first hidden
-    layer; then SiLU MLP blocks. The last layer starts at zero, so a fresh model predicts u = 0.
+    layer and, with ``condition_blocks``, a per-block projection of SiLU(c) enters every residual
+    block: u(z, 0, 1) (the whole transport map) and u(z, t, t) (a local velocity) are very
+    different functions of z, and conditioning at the input only leaves the deeper layers blind
+    to which one is asked for. The last layer starts at zero, so a fresh model predicts u = 0.
     """
 
     def __init__(self, config: MLPConfig):
@@ -55,14 +61,22 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(config.depth - 1)
         )
+        self.block_conditioning = nn.ModuleList(
+            nn.Linear(width, width) for _ in range(config.depth - 1 if config.condition_blocks else 0)
+        )
         self.output = nn.Sequential(nn.SiLU(), nn.Linear(width, config.data_dim))
         nn.init.zeros_(self.output[1].weight)
         nn.init.zeros_(self.output[1].bias)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        h = self.input(z) + self.conditioning(r, t, y)  # (B, W)
-        for block in self.blocks:
-            h = h + block(h)  # (B, W) residual
+        c = self.conditioning(r, t, y)  # (B, W)
+        h = self.input(z) + c  # (B, W)
+        c = nn.functional.silu(c)
+        for index, block in enumerate(self.blocks):
+            if self.block_conditioning:
+                h = h + block(h + self.block_conditioning[index](c))  # (B, W) residual
+            else:
+                h = h + block(h)
         return self.output(h)  # (B, D)
 
 
