@@ -50,6 +50,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         help="middle time(s) of 2-step sampling (several only with --sweep)")
     parser.add_argument("--ode", choices=["euler", "heun"], help="integrate u(z, t, t) instead (flow-matching models)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="inference-time CFG (doubles the NFE)")
+    parser.add_argument("--precision-recall", type=int, metavar="M",
+                        help="also report improved precision / recall (k=3) between the first M samples and M "
+                             "reference images (a data set, or an ADM reference batch with its images); e.g. 10000")
     parser.add_argument("--save-samples", help="folder for the uint8 samples (.npy, N x H x W x C)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", help="reference statistics cache (default ~/.cache/meanflow/stats)")
@@ -93,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       label_mode=args.label_mode, ode=args.ode, device=device, progress=not args.no_progress,
                       rank=rank, world_size=world_size, guidance_scale=args.guidance_scale,
                       inception_weights=args.inception_weights, cache_dir=args.cache_dir, data_path=args.data_path,
-                      vae=args.vae, feature_extractor=extractor)
+                      vae=args.vae, feature_extractor=extractor, precision_recall_samples=args.precision_recall)
         reports = []
         for weights in weights_list:
             if args.sweep:
@@ -135,7 +138,7 @@ def table_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for entry in report["scores"]:
             row = {"weights": report["weights"], "steps": entry["steps"], "intermediate": entry["intermediate"],
                    "nfe": entry["nfe"], "fid": entry["fid"]}
-            for key in ("inception_score_mean", "inception_score_std", "accuracy"):
+            for key in ("inception_score_mean", "inception_score_std", "accuracy", "precision", "recall"):
                 if key in entry:
                     row[key] = entry[key]
             rows.append(row)
@@ -145,8 +148,9 @@ def table_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
     """A fixed-width text table of the rows."""
     label = "FID" if metric == "inception" else "domain FID"
-    extra = [key for key in ("inception_score_mean", "accuracy") if any(key in row for row in rows)]
-    titles = {"inception_score_mean": "IS", "accuracy": "accuracy"}
+    extra = [key for key in ("inception_score_mean", "accuracy", "precision", "recall")
+             if any(key in row for row in rows)]
+    titles = {"inception_score_mean": "IS", "accuracy": "accuracy", "precision": "precision", "recall": "recall"}
     header = f"{'weights':>14} {'steps':>5} {'t_mid':>6} {'NFE':>4} {label:>11}" + "".join(
         f" {titles[key]:>9}" for key in extra)
     lines = [header, "-" * len(header)]

@@ -74,3 +74,28 @@ def test_fsdp_training_with_resume_matches_ddp_training(tmp_path):
         for key in left:
             torch.testing.assert_close(right[key], left[key], atol=1e-5, rtol=1e-4)
     assert (tmp_path / "fsdp" / "samples" / "step000000004_nfe1.png").exists()
+
+
+def test_meanflow_eval_under_torchrun_equals_one_process(tmp_path):
+    """Two ranks generate disjoint halves (per-sample seeds) and sum their statistics: the same
+    domain FID, accuracy and precision / recall as one process, and only rank 0 writes."""
+    from meanflow.presets import preset
+    from meanflow.train import train
+
+    config = preset("digits").with_overrides([
+        "training.steps=4", "training.batch_size=16", "model.options.hidden_size=16", "model.options.depth=1",
+        "model.options.num_heads=2", "training.grid_samples=10", "training.checkpoint_every=4"])
+    train(config, tmp_path / "run", progress=False)
+    common = ["-m", "meanflow.cli", "eval", "--checkpoint", str(tmp_path / "run"), "--metric", "domain",
+              "--classifier", str(tmp_path / "classifier"), "--train-classifier", "--classifier-steps", "10",
+              "--num-samples", "60", "--steps", "1", "2", "--batch-size", "16", "--precision-recall", "30",
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    torchrun(*common, "--json", str(tmp_path / "two.json"))
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    subprocess.run([sys.executable, *common, "--json", str(tmp_path / "one.json")], check=True, env=env, timeout=300)
+    two, one = (json.loads((tmp_path / name).read_text()) for name in ("two.json", "one.json"))
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for a, b in zip(two["scores"], one["scores"], strict=True):
+        assert a["fid"] == pytest.approx(b["fid"], rel=1e-6)
+        assert a["accuracy"] == b["accuracy"]
+        assert abs(a["precision"] - b["precision"]) <= 1 / 30 and abs(a["recall"] - b["recall"]) <= 1 / 30

@@ -228,3 +228,52 @@ def test_inception_metric_path_reports_the_inception_score(run, tmp_path):
     save_statistics(tmp_path / "other.npz", np.zeros(16), np.eye(16), info={"feature_extractor": "another-network"})
     with pytest.raises(ValueError, match="holds statistics of another-network"):
         evaluate_checkpoint(run, batch_size=40, **dict(settings, reference=str(tmp_path / "other.npz")))
+
+
+def test_precision_recall_option_reports_both_and_does_not_depend_on_the_batch_size(run, classifier, tmp_path):
+    report = evaluate(run, classifier, tmp_path, num_samples=60, precision_recall_samples=40, batch_size=7)
+    assert report["precision_recall"] == {"samples": 40, "k": 3}
+    assert report["reference"]["precision_recall_images"] == 40
+    whole = evaluate(run, classifier, tmp_path, num_samples=60, precision_recall_samples=40, batch_size=60)
+    for a, b in zip(report["scores"], whole["scores"], strict=True):
+        assert 0.0 <= a["precision"] <= 1.0 and 0.0 <= a["recall"] <= 1.0
+        # The same 40 samples either way; a point on a ball's boundary may flip by rounding.
+        assert abs(a["precision"] - b["precision"]) <= 1 / 40 and abs(a["recall"] - b["recall"]) <= 1 / 40
+    with pytest.raises(ValueError, match="k < M <= num_samples"):
+        evaluate(run, classifier, tmp_path, num_samples=30, precision_recall_samples=40)
+
+
+def test_precision_recall_of_real_images_against_themselves_and_against_noise(classifier):
+    """Reference features from the data set (seeded subset) and from an ADM-style batch (arr_0)."""
+    from meanflow.eval.classifier import load_classifier
+    from meanflow.eval.evaluate import reference_features
+    from meanflow.eval.inception import precision_recall
+
+    extractor = DomainFeatureExtractor(load_classifier(classifier))
+    real = reference_features(ReferenceSpec("digits", "all"), extractor, 300, seed=0)
+    again = reference_features(ReferenceSpec("digits", "all"), extractor, 300, seed=0)
+    other = reference_features(ReferenceSpec("digits", "all"), extractor, 300, seed=1)
+    torch.testing.assert_close(real, again)
+    assert real.shape == (300, extractor.dim) and not torch.equal(real, other)
+    assert precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    held_out = precision_recall(real, other)
+    noise_images = torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    noise = extractor.features_and_logits(noise_images)[0]
+    against_noise = precision_recall(real, noise)
+    assert held_out["precision"] > 0.8 and held_out["recall"] > 0.8
+    assert against_noise["precision"] < held_out["precision"] - 0.3
+
+
+def test_precision_recall_needs_reference_images(run, classifier, tmp_path):
+    from meanflow.eval.classifier import load_classifier
+    from meanflow.eval.evaluate import reference_features
+
+    extractor = DomainFeatureExtractor(load_classifier(classifier))
+    images, _ = load_reference_images(ReferenceSpec("digits", "all"))
+    batch = tmp_path / "adm_batch.npz"
+    np.savez(batch, arr_0=images[:50].permute(0, 2, 3, 1).numpy(), mu=np.zeros(4), sigma=np.eye(4))
+    from_batch = reference_features(batch, extractor, 20)
+    torch.testing.assert_close(from_batch, extractor.features_and_logits(images[:20])[0].float().cpu())
+    save_statistics(tmp_path / "stats_only.npz", np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="needs reference images"):
+        reference_features(tmp_path / "stats_only.npz", extractor, 20)

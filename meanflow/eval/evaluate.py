@@ -37,6 +37,7 @@ import datetime
 import enum
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
@@ -243,6 +244,7 @@ class SampleStatistics:
     inception_score: Optional[InceptionScoreStatistics]
     correct: int
     labelled: int
+    kept_features: list[Tensor] = dataclasses.field(default_factory=list)  # of samples i < keep_first
 
 
 def stream_sample_statistics(
@@ -265,10 +267,13 @@ def stream_sample_statistics(
     save_to: Optional[Path] = None,
     decode: Optional[Callable[[Tensor], Tensor]] = None,
     progress=None,
+    keep_first: int = 0,
 ) -> SampleStatistics:
     """Generate this process's slice of the samples batch by batch and fold their features in.
 
-    Nothing is reduced across processes here. ``decode`` maps a batch of samples to images in
+    Nothing is reduced across processes here. The features of samples with index below
+    ``keep_first`` are also kept whole (on the CPU, in index order) for precision / recall.
+    ``decode`` maps a batch of samples to images in
     [-1, 1] (the VAE decoder of a latent model). ``save_to`` (a ``.npy`` path) receives this
     slice's uint8 images as (n, H, W, C), written batch by batch through a memory map.
     """
@@ -298,6 +303,8 @@ def stream_sample_statistics(
         images = quantize_images(samples)  # (B, C, H, W) uint8: what a saved PNG would hold
         features, logits = extractor.features_and_logits(images)
         statistics.features.update(features)
+        if first < keep_first:
+            statistics.kept_features.append(features[:keep_first - first].detach().float().cpu())
         if statistics.inception_score is not None:
             statistics.inception_score.update(logits, indices)
         if batch_labels is not None and logits.shape[1] == num_classes:
@@ -341,6 +348,8 @@ def evaluate_checkpoint(
     data_path: Optional[PathLike] = None,
     vae: Optional[str] = None,
     feature_extractor: Optional[FeatureExtractor] = None,
+    precision_recall_samples: Optional[int] = None,
+    precision_recall_k: int = 3,
 ) -> dict[str, Any]:
     """FID (and IS or class accuracy) of a checkpoint's samples for each number of steps.
 
@@ -373,11 +382,17 @@ def evaluate_checkpoint(
             data set it was trained on, else a torchvision download.
         vae: the VAE that decodes a latent model's samples (default the run's ``data.vae``).
         feature_extractor: a ready extractor to reuse across calls (sweeps); overrides the above.
+        precision_recall_samples: also report improved precision / recall (Kynkäänniemi et al.)
+            between the features of the first M generated samples and M reference images (a
+            seeded subset of the data set, or the ``arr_0`` images of an ADM reference batch);
+            M = 10,000 is the usual choice. None: not computed.
+        precision_recall_k: the neighbour count k of the manifold estimate (3 in the paper).
 
     Returns:
         A JSON-able report holding every setting needed to reproduce the numbers and, under
         ``scores``, one entry per step count: ``steps``, ``nfe``, ``fid``, ``seconds`` and
-        ``inception_score_mean`` / ``_std`` (inception) or ``accuracy`` (domain, conditional).
+        ``inception_score_mean`` / ``_std`` (inception) or ``accuracy`` (domain, conditional),
+        and ``precision`` / ``recall`` when asked for.
     """
     from ..inference import load_model
 
@@ -398,6 +413,10 @@ def evaluate_checkpoint(
                          "the statistics of all processes can be summed")
     if ode is not None and ode not in ("euler", "heun"):
         raise ValueError(f"ode must be 'euler', 'heun' or None, got {ode!r}")
+    if precision_recall_samples is not None and not (precision_recall_k >= 1
+                                                     and precision_recall_k < precision_recall_samples <= num_samples):
+        raise ValueError(f"precision / recall needs k < M <= num_samples (k={precision_recall_k}, "
+                         f"M={precision_recall_samples}, num_samples={num_samples})")
 
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -447,6 +466,10 @@ def evaluate_checkpoint(
     if mu_ref.shape != (extractor.dim,):
         raise ValueError(f"the reference statistics have dimension {mu_ref.shape[0]}, but the {metric.value} "
                          f"features have {extractor.dim}: they come from another feature network")
+    real_features = None
+    if precision_recall_samples is not None and rank == 0:
+        real_features = reference_features(parsed, extractor, precision_recall_samples, seed, batch_size, data_path)
+        reference_report["precision_recall_images"] = len(real_features)
 
     labels = sample_labels(num_samples, loaded.num_classes, label_mode, seed)
     start, end = _shard(num_samples, rank, world_size)
@@ -468,7 +491,8 @@ def evaluate_checkpoint(
             gathered = stream_sample_statistics(
                 loaded.model, extractor, num_samples, loaded.sample_shape, num_steps, labels, loaded.num_classes,
                 seed, batch_size, step_intermediate, ode, guidance_scale, device, rank, world_size,
-                with_inception_score=metric is Metric.INCEPTION, save_to=save_to, decode=decode, progress=bar)
+                with_inception_score=metric is Metric.INCEPTION, save_to=save_to, decode=decode, progress=bar,
+                keep_first=precision_recall_samples or 0)
             _reduce(gathered.features, world_size)
             fid = frechet_distance(*gathered.features.mean_and_covariance(), mu_ref, sigma_ref)
             entry: dict[str, Any] = {"steps": num_steps, "nfe": _nfe(num_steps, ode, guidance_scale),
@@ -483,6 +507,12 @@ def evaluate_checkpoint(
                     torch.distributed.all_reduce(counts)
                 if counts[1] > 0:  # 0 when the classifier's classes are not the model's
                     entry["accuracy"] = float(counts[0] / counts[1])
+            if precision_recall_samples is not None:
+                fake_features = _gather_rows(gathered.kept_features, extractor.dim, world_size)
+                if real_features is not None:  # rank 0
+                    from .inception import precision_recall
+
+                    entry.update(precision_recall(real_features, fake_features, k=precision_recall_k))
             if save_to is not None:
                 entry["samples_file"] = str(save_to)
             entry["seconds"] = time.perf_counter() - started
@@ -512,6 +542,8 @@ def evaluate_checkpoint(
         "intermediate": intermediate,
         "ode": ode,
         "guidance_scale": guidance_scale,
+        "precision_recall": None if precision_recall_samples is None else {"samples": precision_recall_samples,
+                                                                           "k": precision_recall_k},
         "batch_size": batch_size,
         "world_size": world_size,
         "device": str(device),
@@ -523,6 +555,48 @@ def evaluate_checkpoint(
     if metric is Metric.DOMAIN:
         report["note"] = DOMAIN_NOTE
     return report
+
+
+def reference_features(
+    reference: Union[ReferenceSpec, Path],
+    extractor: FeatureExtractor,
+    count: int,
+    seed: int = 0,
+    batch_size: int = 250,
+    data_path: Optional[PathLike] = None,
+) -> Tensor:
+    """Features (M, D) of M reference images for precision / recall.
+
+    A data set gives a subset of M images chosen by a permutation seeded by ``seed`` (all of
+    them when it has fewer); a statistics ``.npz`` must hold the images themselves as ``arr_0``
+    (N, H, W, C) uint8, as ADM's reference batches do, of which the first M are used.
+    """
+    if isinstance(reference, Path):
+        with np.load(reference) as data:
+            if "arr_0" not in data.files:
+                raise ValueError(f"precision / recall needs reference images, but {reference} holds only "
+                                 f"{sorted(data.files)}; give a data set as the reference, or an ADM reference "
+                                 "batch (which stores its images as arr_0)")
+            images = torch.from_numpy(np.ascontiguousarray(data["arr_0"][:count])).permute(0, 3, 1, 2)
+    else:
+        images, _ = load_reference_images(reference, data_path)
+        if len(images) > count:
+            images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]]
+    features = [extractor.features_and_logits(images[first:first + batch_size])[0].detach().float().cpu()
+                for first in range(0, len(images), batch_size)]
+    return torch.cat(features)
+
+
+def _gather_rows(parts: list[Tensor], dim: int, world_size: int) -> Tensor:
+    """This process's kept rows, or, under torch.distributed, every process's in rank order."""
+    local = torch.cat(parts) if parts else torch.zeros(0, dim)
+    if world_size == 1:
+        return local
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world_size
+    dist.all_gather_object(everyone, local)  # ranks hold contiguous index slices, so rank order is index order
+    return torch.cat(everyone)
 
 
 def _nfe(num_steps: int, ode: Optional[str], guidance_scale: float) -> int:
@@ -586,6 +660,7 @@ __all__ = [
     "load_reference_images",
     "parse_reference",
     "quantize_images",
+    "reference_features",
     "reference_statistics",
     "sample_labels",
     "sample_noise",
