@@ -149,15 +149,24 @@ class ObjectiveConfig:
         return self.omega / (1.0 - self.kappa)
 
 
+LR_DECAYS = ("constant", "cosine")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW; defaults are the paper's (constant lr 1e-4, betas (0.9, 0.95), no weight decay)."""
+    """AdamW; defaults are the paper's (constant lr 1e-4, betas (0.9, 0.95), no weight decay).
+
+    decay: after the linear warm-up, 'constant' (the paper) or 'cosine' (to 0 at
+    ``training.steps``; the schedule then depends on the run's length, so extending a finished
+    cosine run restarts nothing but changes the remaining rates).
+    """
 
     lr: float = 1e-4
     betas: tuple = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
+    decay: str = "constant"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -168,6 +177,7 @@ class OptimConfig:
         _positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         if self.grad_clip is not None:
             _positive("optim", "grad_clip", self.grad_clip)
+        _choice("optim", "decay", self.decay, LR_DECAYS)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The training loop end to end on real files: checkpoints, exact resume, logs, grids."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -91,3 +92,28 @@ def test_resuming_with_another_architecture_is_refused(tmp_path):
     wider = tiny_toy(20).with_overrides(["model.options.hidden_size=48"])
     with pytest.raises(ValueError, match="shape differences"):
         train(wider, tmp_path, progress=False)
+
+
+def test_learning_rate_schedule_warms_up_then_stays_or_follows_a_half_cosine():
+    import math
+
+    from meanflow.config import OptimConfig
+    from meanflow.train.loop import lr_factor
+
+    assert [lr_factor(s, 4, 100, "constant") for s in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(s, 4, 104, "cosine") for s in range(104)]
+    assert cosine[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert cosine[54] == pytest.approx(0.5) and cosine[29] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:])) and 0 < cosine[-1] < 1e-3
+    with pytest.raises(ValueError, match="optim.decay must be one of"):
+        OptimConfig(decay="linear")
+
+
+def test_cosine_schedule_reaches_the_logged_learning_rate(tmp_path):
+    config = preset("toy-two-moons").with_overrides([
+        "training.steps=20", "training.batch_size=16", "training.log_every=10", "model.options.hidden_size=16",
+        "training.grid_samples=16", "optim.decay=cosine", "optim.warmup_steps=0", "optim.lr=0.01"])
+    train(config, tmp_path, progress=False)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # The optimizer's lr after n steps (the rate of step n + 1): half the base at 10 of 20, 0 at the end.
+    assert logged == [pytest.approx(0.005), pytest.approx(0.0, abs=1e-12)]

@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -151,9 +152,9 @@ class Trainer:
                                          sharded=self.sharded)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
                                            weight_decay=config.optim.weight_decay)
-        warmup = config.optim.warmup_steps
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+            self.optimizer, partial(lr_factor, warmup=config.optim.warmup_steps, total=settings.steps,
+                                    decay=config.optim.decay))
         self.ema = EMA(self.model, settings.ema_decays, settings.ema_period)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.network: nn.Module = self.model  # what the gradient forward goes through
@@ -343,6 +344,17 @@ class Trainer:
                                    self.dist.device)
         log.images(paths, self.step)
         return paths
+
+
+def lr_factor(step: int, warmup: int, total: int, decay: str) -> float:
+    """The multiplier of the base lr at optimizer step ``step`` (0-based): linear warm-up over
+    ``warmup`` steps, then 1 ('constant') or a half cosine from 1 to 0 at ``total`` ('cosine')."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def train(config: Config, output_dir: str | Path, progress: bool = True, max_steps: Optional[int] = None) -> TrainResult:
