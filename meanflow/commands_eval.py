@@ -125,10 +125,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                           else Path("eval_sweep.png"))
                 plot_sweep(rows, plot, reports[0]["metric"])
                 print(f"plot: {plot}")
-        return 0
-    finally:
+    except BaseException:
         if context is not None:
-            shutdown(context)
+            shutdown(context, together=False)
+        raise
+    if context is not None:
+        shutdown(context)
+    return 0
 
 
 def table_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:

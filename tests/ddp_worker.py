@@ -7,6 +7,7 @@ final weights to the path given as the first argument. The second argument picks
 ``fully_shard`` of every block and the root).
 """
 
+import gc
 import os
 import sys
 
@@ -60,6 +61,9 @@ def main(output: str, mode: str) -> None:
     if rank == 0:
         save_file({k: v.contiguous() for k, v in state.items()}, output)
     if world > 1:
+        del network, model, optimizer, objective  # wrappers before their process group (see meanflow.train.loop.train)
+        gc.collect()
+        dist.barrier()  # leave together (see meanflow.train.distributed.shutdown)
         dist.destroy_process_group()
 
 

@@ -85,8 +85,14 @@ def init_distributed(device_name: str) -> Distributed:
     return Distributed(rank, world_size, local_rank, device)
 
 
-def shutdown(context: Distributed) -> None:
+def shutdown(context: Distributed, together: bool = True) -> None:
+    """Leave the process group. ``together`` (the normal end) waits for every rank first: a rank
+    that tears gloo down while another still has collectives in flight can abort the other
+    ("terminate called without an active exception"). After an error there is no waiting, since
+    the other ranks may never arrive; torchrun stops them."""
     if context.enabled and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

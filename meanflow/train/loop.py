@@ -5,6 +5,7 @@ periodic logs, checkpoints and sample grids. The same code runs as one process o
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -368,9 +369,17 @@ def train(config: Config, output_dir: str | Path, progress: bool = True, max_ste
     """
     trainer = Trainer(config, Path(output_dir), progress)
     try:
-        return trainer.run(max_steps)
-    finally:
-        shutdown(trainer.dist)
+        result = trainer.run(max_steps)
+    except BaseException:
+        shutdown(trainer.dist, together=False)
+        raise
+    context = trainer.dist
+    # The DDP / FSDP wrappers hold gloo work objects; destroyed after their process group (at
+    # interpreter exit) they abort the process. Drop them first.
+    del trainer
+    gc.collect()
+    shutdown(context)
+    return result
 
 
 __all__ = ["TrainResult", "Trainer", "train", "check_model_matches_data"]
