@@ -193,6 +193,9 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, metric: str) -> Path:
     axes.set_xlabel("NFE")
     axes.set_ylabel("FID" if metric == "inception" else "domain FID (not comparable with Inception FID)")
     axes.set_xscale("log", base=2)
+    scores = [row["fid"] for row in rows if row["fid"] > 0]
+    if scores and max(scores) > 10 * min(scores):
+        axes.set_yscale("log")  # scores over orders of magnitude (few steps, or a poor EMA rate)
     nfes = sorted({row["nfe"] for row in rows})
     axes.set_xticks(nfes, [str(nfe) for nfe in nfes])
     axes.minorticks_off()
