@@ -7,8 +7,10 @@ Both methods train the same MLP with the same steps, batch, optimizer, EMA and p
 error (the preset ``toy-<name>``, p = 0); MeanFlow samples in one step, flow matching integrates
 its velocity with Euler steps.
 Scores are the energy distance and the sliced 2-Wasserstein distance between generated samples
-and fresh exact samples of the distribution; "data vs data" is the same distance between two
-fresh exact samples: the floor a perfect model reaches at this sample size.
+and fresh exact samples of the distribution, and improved precision / recall (k = 3): the share
+of generated points inside the data's k-NN manifold (sharpness) and of data points inside the
+samples' (coverage). "data vs data" scores two fresh exact samples: what a perfect model reaches
+at this sample size.
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ import torch
 
 from meanflow.data.toy import sample_toy
 from meanflow.eval.distances import energy_distance, sliced_wasserstein
+from meanflow.eval.inception import precision_recall
 from meanflow.inference import generate, load_model
 from meanflow.presets import preset
 from meanflow.train import train
 
 
 def scores(samples, reference, seed):
+    manifold = precision_recall(reference, samples, k=3)
     return (energy_distance(samples, reference),
-            sliced_wasserstein(samples, reference, num_projections=256, generator=torch.Generator().manual_seed(seed)))
+            sliced_wasserstein(samples, reference, num_projections=256, generator=torch.Generator().manual_seed(seed)),
+            manifold["precision"], manifold["recall"])
 
 
 def run_toy(name: str, args, folder: Path) -> list[dict]:
@@ -43,7 +48,8 @@ def run_toy(name: str, args, folder: Path) -> list[dict]:
     }
     reference = sample_toy(name, args.samples, torch.Generator().manual_seed(10_000 + args.seed))
     floor = scores(sample_toy(name, args.samples, torch.Generator().manual_seed(20_000 + args.seed)), reference, 0)
-    rows = [dict(toy=name, method="data vs data", nfe="-", energy=floor[0], sliced_w2=floor[1], seconds=0.0)]
+    rows = [dict(toy=name, method="data vs data", nfe="-", energy=floor[0], sliced_w2=floor[1], precision=floor[2],
+                 recall=floor[3], seconds=0.0)]
     for method, config in runs.items():
         started = time.perf_counter()
         train(config, folder / f"{name}-{method.replace(' ', '_')}", progress=False)
@@ -53,9 +59,10 @@ def run_toy(name: str, args, folder: Path) -> list[dict]:
         for nfe in grid:
             ode = None if method == "MeanFlow" else "euler"
             samples = generate(model, args.samples, (2,), nfe, seed=args.seed + 1, ode=ode, batch_size=args.samples)
-            energy, w2 = scores(samples, reference, nfe)
+            energy, w2, precision, recall = scores(samples, reference, nfe)
             label = method if method == "MeanFlow" else "flow matching (Euler)"
-            rows.append(dict(toy=name, method=label, nfe=nfe, energy=energy, sliced_w2=w2, seconds=seconds))
+            rows.append(dict(toy=name, method=label, nfe=nfe, energy=energy, sliced_w2=w2, precision=precision,
+                             recall=recall, seconds=seconds))
     return rows
 
 
@@ -75,11 +82,11 @@ def main() -> None:
         for name in args.toys:
             rows += run_toy(name, args, Path(folder))
     print(f"{args.steps} steps x batch {args.batch_size} per method; {args.samples} samples per score\n")
-    print("| toy | method | NFE | energy distance | sliced W2 | train time (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| toy | method | NFE | energy distance | sliced W2 | precision | recall | train time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['toy']} | {row['method']} | {row['nfe']} | {row['energy']:.4f} | {row['sliced_w2']:.4f} | "
-              f"{row['seconds']:.0f} |")
+              f"{row['precision']:.3f} | {row['recall']:.3f} | {row['seconds']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -510,7 +510,7 @@ def evaluate_checkpoint(
             if precision_recall_samples is not None:
                 fake_features = _gather_rows(gathered.kept_features, extractor.dim, world_size)
                 if real_features is not None:  # rank 0
-                    from .inception import precision_recall
+                    from .distances import precision_recall
 
                     entry.update(precision_recall(real_features, fake_features, k=precision_recall_k))
             if save_to is not None:

@@ -21,7 +21,8 @@ Weights: torch-fidelity downloads ``weights-inception-2015-12-05-6726825d.pth`` 
 hub's cache (``$TORCH_HOME/hub/checkpoints``) on first use. Offline, copy the file there or pass
 its path (``weights_path=`` here, ``--inception-weights`` on the command line).
 
-:func:`inception_score` and :func:`precision_recall` are pure functions of logits / features.
+:func:`inception_score` is a pure function of logits; :func:`precision_recall` (from
+:mod:`meanflow.eval.distances`) of features.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from torch import Tensor
+
+from .distances import precision_recall  # noqa: F401  (re-exported: it scores Inception features too)
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -289,54 +292,6 @@ def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
         raise ValueError(f"logits must be (N, K), got {tuple(logits.shape)}")
     statistics = InceptionScoreStatistics(logits.shape[0], logits.shape[1], splits)
     return statistics.update(logits, torch.arange(logits.shape[0])).score()
-
-
-def precision_recall(real_features: ArrayLike, fake_features: ArrayLike, k: int = 3,
-                     chunk_size: int = 1000) -> dict[str, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) of generated vs real features.
-
-    Each set's manifold is the union of balls around its points, a point's radius being the
-    distance to its k-th nearest neighbour within the set (itself excluded). Precision is the
-    fraction of generated points inside the real manifold; recall the fraction of real points
-    inside the generated one. Distances are computed in float64, ``chunk_size`` rows at a time.
-
-    Args:
-        real_features: (N, D), N > k.
-        fake_features: (M, D), M > k.
-
-    Returns:
-        ``{"precision": ..., "recall": ...}``.
-    """
-    real = torch.as_tensor(real_features).detach().to(torch.float64)
-    fake = torch.as_tensor(fake_features).detach().to(device=real.device, dtype=torch.float64)
-    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"expected (N, D) and (M, D) features, got {tuple(real.shape)} and {tuple(fake.shape)}")
-    if min(real.shape[0], fake.shape[0]) <= k or k < 1:
-        raise ValueError(f"need 1 <= k < number of samples in each set, got k={k}")
-    real_radii = _neighbour_radii(real, k, chunk_size)
-    fake_radii = _neighbour_radii(fake, k, chunk_size)
-    return {
-        "precision": _fraction_inside(fake, real, real_radii, chunk_size),
-        "recall": _fraction_inside(real, fake, fake_radii, chunk_size),
-    }
-
-
-def _neighbour_radii(points: Tensor, k: int, chunk_size: int) -> Tensor:
-    """Distance from each point to its k-th nearest other point. (N, D) -> (N,)"""
-    radii = []
-    for start in range(0, points.shape[0], chunk_size):
-        distances = torch.cdist(points[start:start + chunk_size], points)  # (C, N), self at ~0
-        radii.append(distances.kthvalue(k + 1, dim=1).values)  # k + 1: the first is the point itself
-    return torch.cat(radii)
-
-
-def _fraction_inside(points: Tensor, centres: Tensor, radii: Tensor, chunk_size: int) -> float:
-    """Fraction of ``points`` within ``radii[j]`` of some ``centres[j]``."""
-    inside = 0
-    for start in range(0, points.shape[0], chunk_size):
-        distances = torch.cdist(points[start:start + chunk_size], centres)  # (C, N)
-        inside += int((distances <= radii[None, :]).any(dim=1).sum())
-    return inside / points.shape[0]
 
 
 __all__ = [
