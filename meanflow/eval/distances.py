@@ -1,8 +1,9 @@
 """Distances between two sets of samples, for toy distributions and small image sets.
 
 Energy distance and sliced Wasserstein compare whole distributions; precision / recall
-(Kynkäänniemi et al.) tell sharpness from coverage. The distances take sample sets of any dimension: (B,) is read as B scalars, and (B, D1, D2, ...)
-is flattened to (B, D), so images can be compared directly. All arithmetic is float64 whatever
+(Kynkäänniemi et al.) tell sharpness from coverage. The distances take sample sets of any
+dimension: (B,) is read as B scalars, and (B, D1, D2, ...) is flattened to (B, D), so images can
+be compared directly. All arithmetic is float64 whatever
 the input dtype, and the work is chunked so that sets of 10,000 samples each fit in memory.
 """
 
