@@ -53,7 +53,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--precision-recall", type=int, metavar="M",
                         help="also report improved precision / recall (k=3) between the first M samples and M "
                              "reference images (a data set, or an ADM reference batch with its images); e.g. 10000")
-    parser.add_argument("--save-samples", help="folder for the uint8 samples (.npy, N x H x W x C)")
+    parser.add_argument("--save-samples", help="folder for the samples: ADM-format .npz (arr_0 uint8 N x H x W x C, "
+                                               "arr_1 labels) and a PNG grid of the first 100, per setting")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--cache-dir", help="reference statistics cache (default ~/.cache/meanflow/stats)")
     parser.add_argument("--data-path", help="local .npz or torchvision folder of the reference data set (default: "

@@ -73,8 +73,12 @@ def test_report_records_every_setting_and_the_scores(run, classifier, tmp_path):
     assert [entry["intermediate"] for entry in report["scores"]] == [None, 0.4]
     for entry in report["scores"]:
         assert entry["fid"] > 0 and np.isfinite(entry["fid"]) and 0.0 <= entry["accuracy"] <= 1.0
-    saved = np.load(tmp_path / "samples" / "samples_steps2_t0.4.npy")
-    assert saved.shape == (50, 8, 8, 1) and saved.dtype == np.uint8
+    with np.load(tmp_path / "samples" / "samples_steps2_t0.4.npz") as saved:  # ADM's sample format
+        assert saved["arr_0"].shape == (50, 8, 8, 1) and saved["arr_0"].dtype == np.uint8
+        assert saved["arr_1"].tolist() == [i % 10 for i in range(50)]
+    assert report["scores"][1]["samples_file"].endswith("samples_steps2_t0.4.npz")
+    assert (tmp_path / "samples" / "samples_steps2_t0.4.png").stat().st_size > 100
+    assert not list((tmp_path / "samples").glob("*.npy")) and not list((tmp_path / "samples").glob("*.tmp"))
 
 
 def test_scores_do_not_depend_on_the_batch_size_and_reuse_the_cache(run, classifier, tmp_path):

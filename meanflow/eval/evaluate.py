@@ -369,7 +369,9 @@ def evaluate_checkpoint(
         intermediate: the middle time of 2-step sampling (other step counts ignore it).
         ode: ``euler`` / ``heun`` integrates u(z, t, t) instead; a flow-matching checkpoint
             uses ``euler`` when this is None.
-        save_samples: a folder receiving each setting's uint8 samples (one ``.npy`` per process).
+        save_samples: a folder receiving each setting's uint8 samples: ``samples_steps<k>[...].npz``
+            in ADM's sample format (``arr_0`` (n, H, W, C) uint8, ``arr_1`` the labels when
+            conditional; one file per process under torchrun) and a PNG grid of the first 100.
         device: where the model and the feature network run (``auto``: CUDA when available).
         progress: show a progress bar (on rank 0).
         rank, world_size: this process's share; with ``world_size > 1`` torch.distributed must be
@@ -514,7 +516,11 @@ def evaluate_checkpoint(
 
                     entry.update(precision_recall(real_features, fake_features, k=precision_recall_k))
             if save_to is not None:
-                entry["samples_file"] = str(save_to)
+                shard_labels = None if labels is None else labels[start:end]
+                entry["samples_file"], grid = finish_saved_samples(save_to, shard_labels, loaded.num_classes,
+                                                                   grid=rank == 0)
+                if grid is not None:
+                    entry["samples_grid"] = grid
             entry["seconds"] = time.perf_counter() - started
             scores.append(entry)
     finally:
@@ -555,6 +561,34 @@ def evaluate_checkpoint(
     if metric is Metric.DOMAIN:
         report["note"] = DOMAIN_NOTE
     return report
+
+
+def finish_saved_samples(path: Path, labels: Optional[Tensor], num_classes: Optional[int],
+                         grid: bool = True, grid_count: int = 100) -> tuple[str, Optional[str]]:
+    """Turn a streamed ``.npy`` of uint8 (n, H, W, C) samples into ADM's ``.npz`` (``arr_0``, plus
+    ``arr_1`` labels) beside it, written atomically, and (``grid``) a PNG grid of the first
+    ``grid_count``; the ``.npy`` is removed. Returns the two paths (the grid's or None)."""
+    from .grids import save_image_grid
+
+    images = np.load(path, mmap_mode="r")
+    target = path.with_suffix(".npz")
+    partial = target.with_name(target.name + ".tmp")
+    arrays = {"arr_0": images}
+    if labels is not None:
+        arrays["arr_1"] = labels.cpu().numpy().astype(np.int64)
+    with open(partial, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, target)
+    grid_path = None
+    if grid:
+        first = torch.from_numpy(np.array(images[:grid_count])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        rows = num_classes if num_classes and len(first) % num_classes == 0 else None
+        grid_path = str(save_image_grid(first, path.with_suffix(".png"), nrow=rows))
+    del images
+    path.unlink()
+    return str(target), grid_path
 
 
 def reference_features(
@@ -657,6 +691,7 @@ __all__ = [
     "build_feature_extractor",
     "default_cache_dir",
     "evaluate_checkpoint",
+    "finish_saved_samples",
     "load_reference_images",
     "parse_reference",
     "quantize_images",
