@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     output = Path(args.output or f"runs/{args.preset or Path(args.config).stem}")
     started = time.perf_counter()
     result = train(config, output, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not result.is_main:
         return 0  # under torchrun, rank 0 reports
     if result.interrupted:
         print(f"stopped by a signal at step {result.step}; run the same command to resume")

@@ -1,7 +1,6 @@
 """The training loop end to end on real files: checkpoints, exact resume, logs, grids."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -3,8 +3,8 @@
 Energy distance and sliced Wasserstein compare whole distributions; precision / recall
 (Kynkäänniemi et al.) tell sharpness from coverage. The distances take sample sets of any
 dimension: (B,) is read as B scalars, and (B, D1, D2, ...) is flattened to (B, D), so images can
-be compared directly. All arithmetic is float64 whatever
-the input dtype, and the work is chunked so that sets of 10,000 samples each fit in memory.
+be compared directly. All arithmetic is float64 whatever the input dtype, and the work is chunked
+so that sets of 10,000 samples each fit in memory.
 """
 
 from __future__ import annotations
@@ -165,6 +165,8 @@ def _sorted_wasserstein_power(x_sorted: Tensor, y_sorted: Tensor, p: float) -> T
     y_index = torch.clamp((middles * m).long(), max=m - 1)
     gaps = (x_sorted[:, x_index] - y_sorted[:, y_index]).abs().pow(p)  # (P, K)
     return gaps @ widths
+
+
 def precision_recall(real_features: ArrayLike, fake_features: ArrayLike, k: int = 3,
                      chunk_size: int = 1000) -> dict[str, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of generated vs real features.
@@ -211,5 +213,3 @@ def _fraction_inside(points: Tensor, centres: Tensor, radii: Tensor, chunk_size:
         distances = torch.cdist(points[start:start + chunk_size], centres)  # (C, N)
         inside += int((distances <= radii[None, :]).any(dim=1).sum())
     return inside / points.shape[0]
-
-

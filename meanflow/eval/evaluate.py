@@ -37,8 +37,7 @@ import datetime
 import enum
 import os
 import time
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
@@ -244,7 +243,7 @@ class SampleStatistics:
     inception_score: Optional[InceptionScoreStatistics]
     correct: int
     labelled: int
-    kept_features: list[Tensor] = dataclasses.field(default_factory=list)  # of samples i < keep_first
+    kept_features: list[Tensor] = field(default_factory=list)  # of samples i < keep_first
 
 
 def stream_sample_statistics(
@@ -271,11 +270,11 @@ def stream_sample_statistics(
 ) -> SampleStatistics:
     """Generate this process's slice of the samples batch by batch and fold their features in.
 
-    Nothing is reduced across processes here. The features of samples with index below
-    ``keep_first`` are also kept whole (on the CPU, in index order) for precision / recall.
-    ``decode`` maps a batch of samples to images in
+    Nothing is reduced across processes here. ``decode`` maps a batch of samples to images in
     [-1, 1] (the VAE decoder of a latent model). ``save_to`` (a ``.npy`` path) receives this
-    slice's uint8 images as (n, H, W, C), written batch by batch through a memory map.
+    slice's uint8 images as (n, H, W, C), written batch by batch through a memory map. The
+    features of samples with index below ``keep_first`` are also kept whole (on the CPU, in index
+    order) for precision / recall.
     """
     from ..sampling import sample, sample_ode
 

@@ -36,13 +36,10 @@ from types import ModuleType
 from typing import Optional, Union
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .distances import precision_recall  # noqa: F401  (re-exported: it scores Inception features too)
-
-ArrayLike = Union[Tensor, np.ndarray]
+from .distances import ArrayLike, precision_recall  # noqa: F401  (precision_recall re-exported)
 
 INCEPTION_FEATURE_DIM = 2048
 INCEPTION_NUM_LOGITS = 1008  # the TF graph's 1000 ImageNet classes plus 8 unused ones

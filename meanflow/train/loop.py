@@ -6,7 +6,6 @@ periodic logs, checkpoints and sample grids. The same code runs as one process o
 from __future__ import annotations
 
 import gc
-import json
 import math
 import random
 import signal
@@ -51,6 +50,7 @@ class TrainResult:
     skipped_steps: int = 0
     interrupted: bool = False
     extra: dict = field(default_factory=dict)
+    is_main: bool = True  # False on torchrun ranks other than 0, which write no files
 
 
 def check_model_matches_data(config: Config, info: DataInfo) -> None:
@@ -330,7 +330,8 @@ class Trainer:
         finally:
             log.close()
             bar.close()
-        return TrainResult(self.output_dir, checkpoint, grids, self.step, latest, self.skipped, interrupted)
+        return TrainResult(self.output_dir, checkpoint, grids, self.step, latest, self.skipped, interrupted,
+                           is_main=self.dist.is_main)
 
     def _grids(self, log: MetricsLog) -> list[Path]:
         """Sample grids from the first EMA copy; every rank takes part in gathering the weights
