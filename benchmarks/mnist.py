@@ -39,7 +39,7 @@ def main() -> None:
         common.append(f"data.path={json.dumps(args.data)}")
     runs = {
         "meanflow": preset("mnist").with_overrides(common),
-        "flow_matching": preset("mnist").with_overrides(common + ["objective.method=flow_matching", "objective.p=0"]),
+        "flow_matching": preset("mnist").with_overrides(common + ["objective.method=flow_matching"]),
     }
     summary = {}
     for name, config in runs.items():

@@ -44,7 +44,7 @@ def run_toy(name: str, args, folder: Path) -> list[dict]:
               f"training.checkpoint_every={args.steps}", f"training.seed={args.seed}"]
     runs = {
         "MeanFlow": preset(preset_name).with_overrides(common),
-        "flow matching": preset(preset_name).with_overrides(common + ["objective.method=flow_matching", "objective.p=0"]),
+        "flow matching": preset(preset_name).with_overrides(common + ["objective.method=flow_matching"]),
     }
     reference = sample_toy(name, args.samples, torch.Generator().manual_seed(10_000 + args.seed))
     floor = scores(sample_toy(name, args.samples, torch.Generator().manual_seed(20_000 + args.seed)), reference, 0)

@@ -7,10 +7,13 @@ A checkpoint is a folder ``step_<9 digits>/`` holding
     optimizer.safetensors   the optimizer's tensors, keys ``<param index>/<state name>``
     trainer.json            step, config, model spec, optimizer hyper-parameters, RNG and data
                             positions, counters
+    run.json                the run's description (:mod:`meanflow.run_record`), given by the caller
 
 It is written into ``step_<n>.tmp/``, every file fsync'ed, then renamed in one step: a crash or kill
 at any moment leaves either the complete folder or a ``.tmp`` one that loading ignores. Nothing
-loaded from a checkpoint is executed: safetensors and JSON carry no code.
+loaded from a checkpoint is executed: safetensors and JSON carry no code. :class:`CheckpointWriter`
+writes the folder one part at a time, so a sharded run can gather, write and drop each part in
+turn; :func:`save_checkpoint` writes it from whole dictionaries.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import Tensor
 from .io import fsync_directory
 
 _NAME = re.compile(r"^step_(\d{9})$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the run's description moved to run.json (meanflow.run_record)
 
 
 def _safetensors():
@@ -108,14 +111,73 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
     st = _safetensors()
-    # Clone: safetensors refuses tensors that share storage (tied weights, views).
-    st.save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
+    st.save_file(_distinct_storage(tensors), str(path))
     _fsync_file(path)
+
+
+def _distinct_storage(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU tensors of which no two share storage, as safetensors requires.
+
+    Only tensors that do share a storage (tied weights, views of one buffer) are cloned: cloning
+    everything would double the host memory of the largest part being written (gigabytes for
+    an XL/2 optimizer state).
+    """
+    ready = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    owners: dict[int, int] = {}
+    for value in ready.values():
+        pointer = value.untyped_storage().data_ptr()
+        owners[pointer] = owners.get(pointer, 0) + 1
+    return {key: value.clone() if owners[value.untyped_storage().data_ptr()] > 1 else value
+            for key, value in ready.items()}
 
 
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
+
+
+class CheckpointWriter:
+    """Writes the checkpoint of one step part by part, then publishes it atomically.
+
+    Each part is written (and fsync'ed) as soon as it is given, so a caller can gather one part,
+    write it and drop it before gathering the next: the host never holds more than the largest
+    part. Nothing is visible under ``root`` until :meth:`commit` renames the staging folder;
+    a writer that is abandoned leaves a ``.tmp`` folder that loading ignores and the next
+    save removes.
+    """
+
+    def __init__(self, root: Path, step: int):
+        self.root, self.step = Path(root), step
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.final = self.root / checkpoint_name(step)
+        self.staging = self.root / (checkpoint_name(step) + ".tmp")
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir()
+
+    def tensors(self, part: str, tensors: dict[str, Tensor]) -> None:
+        """``<part>.safetensors`` (part: "model", "ema" or "optimizer")."""
+        _write_safetensors(self.staging / f"{part}.safetensors", tensors)
+
+    def trainer_state(self, trainer: dict[str, Any], optimizer_data: dict[str, Any]) -> None:
+        """``trainer.json``: the trainer's JSON state with the step, format and optimizer's non-tensor state."""
+        record = dict(trainer, step=self.step, format_version=FORMAT_VERSION, optimizer=optimizer_data)
+        self.text("trainer.json", json.dumps(record, indent=1))
+
+    def text(self, name: str, text: str) -> None:
+        """A further text file of the checkpoint (e.g. the run record)."""
+        (self.staging / name).write_text(text)
+        _fsync_file(self.staging / name)
+
+    def commit(self, keep_last: int = 3, milestone_every: int = 0) -> Path:
+        """Publish the checkpoint (one rename), then prune old ones; returns its folder."""
+        fsync_directory(self.staging)
+        if self.final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(self.final)
+        os.rename(self.staging, self.final)
+        fsync_directory(self.root)
+        _prune(self.root, keep_last, milestone_every)
+        return self.final
 
 
 def save_checkpoint(
@@ -127,32 +189,24 @@ def save_checkpoint(
     trainer: dict[str, Any],
     keep_last: int = 3,
     milestone_every: int = 0,
+    files: Optional[dict[str, str]] = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically, then prune old ones.
 
     Keeps the newest ``keep_last`` checkpoints plus every ``milestone_every``-th step (0: none).
+    ``files`` are further text files of the checkpoint (name -> content, e.g. the run record),
+    written inside the same atomic folder. (:class:`CheckpointWriter` writes the same folder
+    one part at a time.)
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    staging = root / (checkpoint_name(step) + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    writer = CheckpointWriter(root, step)
     optimizer_tensors_, optimizer_data = optimizer
-    _write_safetensors(staging / "model.safetensors", model)
-    _write_safetensors(staging / "ema.safetensors", ema)
-    _write_safetensors(staging / "optimizer.safetensors", optimizer_tensors_)
-    record = dict(trainer, step=step, format_version=FORMAT_VERSION, optimizer=optimizer_data)
-    (staging / "trainer.json").write_text(json.dumps(record, indent=1))
-    _fsync_file(staging / "trainer.json")
-    fsync_directory(staging)
-    if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(staging, final)
-    fsync_directory(root)
-    _prune(root, keep_last, milestone_every)
-    return final
+    writer.tensors("model", model)
+    writer.tensors("ema", ema)
+    writer.tensors("optimizer", optimizer_tensors_)
+    writer.trainer_state(trainer, optimizer_data)
+    for name, text in (files or {}).items():
+        writer.text(name, text)
+    return writer.commit(keep_last, milestone_every)
 
 
 def _prune(root: Path, keep_last: int, milestone_every: int) -> None:
@@ -207,3 +261,12 @@ def check_compatible(expected: dict[str, Tensor], stored: dict[str, Tensor], wha
         if mismatched:
             lines.append(f"  shape differences ({len(mismatched)}): " + "; ".join(mismatched[:5]))
         raise ValueError("\n".join(lines))
+
+
+def load_weights(path: Path) -> tuple[Path, dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """What sampling and evaluation need from a checkpoint, and no more: (folder, model weights,
+    EMA weights, trainer state). The optimizer state is not read."""
+    path = resolve_checkpoint(path)
+    st = _safetensors()
+    trainer = json.loads((path / "trainer.json").read_text())
+    return path, st.load_file(str(path / "model.safetensors")), st.load_file(str(path / "ema.safetensors")), trainer

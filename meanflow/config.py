@@ -9,17 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .data.latents import DEFAULT_VAE
-from .jvp import Derivative
-from .objectives.guidance import TrainingGuidance
-from .objectives.loss import AdaptiveWeighting
-from .objectives.time_sampling import TimeSampler
-
-METHODS = ("meanflow", "flow_matching")
+from .validation import check_bool, check_known_keys
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -53,7 +48,8 @@ class DataConfig:
     class_conditional: use the data set's labels (class-conditional training).
     path: a local file or folder for data sets read from disk.
     skip_corrupt: skip (and count) unreadable images of a folder instead of failing.
-    vae: the diffusers AutoencoderKL (hub name or local folder) that decodes latents for grids.
+    vae: the diffusers AutoencoderKL (hub name or local folder) that decodes latents for grids and
+        evaluation; None (the default): the VAE the latent cache records it was encoded with.
     """
 
     name: str = "digits"
@@ -63,7 +59,7 @@ class DataConfig:
     class_conditional: bool = True
     path: Optional[str] = None
     skip_corrupt: bool = False
-    vae: str = DEFAULT_VAE
+    vae: Optional[str] = None
 
     def __post_init__(self) -> None:
         from .data import DATASETS
@@ -75,6 +71,12 @@ class DataConfig:
             _choice("data", "toy", self.toy, [d.value for d in ToyDistribution])
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 1):
             _fail("data", "resolution", f"must be a positive integer or null, got {self.resolution!r}")
+        for name in ("horizontal_flip", "class_conditional", "skip_corrupt"):
+            check_bool(f"data.{name}", getattr(self, name))
+        if self.path is not None and self.name in ("digits", "toy"):
+            _fail("data", "path", f"is not read by data.name={self.name!r} (it is built in); remove data.path, or "
+                                  "pick a data set read from disk: 'mnist', 'fashion-mnist', 'cifar10', 'folder', "
+                                  "'latents'")
 
 
 @dataclass
@@ -91,62 +93,77 @@ class ModelSpec:
         model_config(self.architecture, self.options)  # validates the options now, not mid-run
 
 
+# The flat objective section of format 1 (before settings were nested per method), and its defaults.
+_LEGACY_OBJECTIVE_DEFAULTS = {
+    "time_distribution": "logit_normal", "mu": -0.4, "sigma": 1.0, "fraction_r_neq_t": 0.25,
+    "mask_mode": "random", "r_mu": None, "r_sigma": None, "p": 1.0, "c": 0.01, "derivative": "two_pass",
+    "finite_difference_step": 1e-3, "omega": 1.0, "kappa": 0.0, "t_min": 0.0, "t_max": 1.0,
+    "class_dropout": 0.1,
+}
+_LEGACY_RENAMES = {"time_distribution": "distribution"}
+
+
 @dataclass
 class ObjectiveConfig:
-    """The training objective (spec sections 2, 3, 5). Guidance fields matter only with labels.
+    """The training objective: a registered ``method`` and that method's own settings.
 
-    derivative: 'two_pass' (default; exact, DDP/FSDP-safe and the fastest: the DiT's explicit
-    tangent, torch.func.jvp for other models), 'jvp' (torch.func.jvp in one pass; refuses DDP),
-    'finite_difference' (approximate; the paper's ablation).
+    In JSON the settings sit under the method's name, ``{"method": "meanflow", "meanflow":
+    {...}}``, and on the command line as ``objective.meanflow.omega=2``. The objective validates
+    its settings (:meth:`meanflow.objectives.Objective.parse_settings`): a setting the method
+    does not have is an error naming the valid ones. ``settings`` may be the method's Settings
+    record, a dict of some of its fields (the rest take the method's defaults) or None.
     """
 
     method: str = "meanflow"
-    time_distribution: str = "logit_normal"
-    mu: float = -0.4
-    sigma: float = 1.0
-    fraction_r_neq_t: float = 0.25
-    mask_mode: str = "random"
-    r_mu: Optional[float] = None
-    r_sigma: Optional[float] = None
-    p: float = 1.0
-    c: float = 0.01
-    derivative: str = "two_pass"
-    finite_difference_step: float = 1e-3
-    omega: float = 1.0
-    kappa: float = 0.0
-    t_min: float = 0.0
-    t_max: float = 1.0
-    class_dropout: float = 0.1
+    settings: Any = None
 
     def __post_init__(self) -> None:
-        s = "objective"
-        _choice(s, "method", self.method, METHODS)
-        _choice(s, "derivative", self.derivative, [d.value for d in Derivative])
-        _positive(s, "finite_difference_step", self.finite_difference_step)
-        # The objective's own records validate the rest, so the rules live in one place.
+        from .objectives import objective_class
+
         try:
-            self.time_sampler()
-            self.weighting()
-            self.guidance()
+            self.settings = objective_class(self.method).parse_settings(self.settings)
         except ValueError as error:
-            raise ValueError(f"objective: {error}") from None
+            raise ValueError(str(error) if str(error).startswith("objective") else f"objective: {error}") from None
 
-    def time_sampler(self) -> TimeSampler:
-        return TimeSampler(distribution=self.time_distribution, mu=self.mu, sigma=self.sigma,
-                           fraction_r_neq_t=self.fraction_r_neq_t, mask_mode=self.mask_mode, r_mu=self.r_mu,
-                           r_sigma=self.r_sigma)
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, self.method: dataclasses.asdict(self.settings)}
 
-    def weighting(self) -> AdaptiveWeighting:
-        return AdaptiveWeighting(p=self.p, c=self.c)
+    @classmethod
+    def from_dict(cls, data: Any) -> "ObjectiveConfig":
+        """From the nested form; a flat section of format 1 goes through :func:`translate_legacy_objective`."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the objective section must be a JSON object, got {data!r}")
+        data = dict(data)
+        method = data.pop("method", "meanflow")
+        if not isinstance(method, str):
+            raise ValueError(f"objective.method must be a name, got {method!r}")
+        if data and set(data) <= set(_LEGACY_OBJECTIVE_DEFAULTS):
+            return cls(method, translate_legacy_objective(method, data))
+        check_known_keys("keys in the objective section", data, [method])
+        return cls(method, data.get(method))
 
-    def guidance(self) -> TrainingGuidance:
-        return TrainingGuidance(omega=self.omega, kappa=self.kappa, t_min=self.t_min, t_max=self.t_max,
-                                class_dropout=self.class_dropout)
 
-    @property
-    def effective_guidance_scale(self) -> float:
-        """omega / (1 - kappa)."""
-        return self.omega / (1.0 - self.kappa)
+def translate_legacy_objective(method: str, flat: dict[str, Any]) -> dict[str, Any]:
+    """The one translation of a flat (format 1) objective section into ``method``'s settings.
+
+    Fields ``method`` has keep their values (so an old run means what it meant); fields it does
+    not have were ignored by format 1 and are dropped, and the FutureWarning names those that
+    were not at their defaults.
+    """
+    from .objectives import objective_class
+
+    valid = {f.name for f in dataclasses.fields(objective_class(method).Settings)}
+    kept, dropped = {}, []
+    for key, value in flat.items():
+        name = _LEGACY_RENAMES.get(key, key)
+        if name in valid:
+            kept[name] = value
+        elif value != _LEGACY_OBJECTIVE_DEFAULTS.get(key):
+            dropped.append(f"{key}={value!r}")
+    note = f"; dropped settings {method!r} does not use: {', '.join(dropped)}" if dropped else ""
+    warnings.warn(f"a flat objective section is deprecated: its settings now sit under objective.{method} "
+                  f"(translated{note}); re-save the config to update it", FutureWarning, stacklevel=3)
+    return kept
 
 
 LR_DECAYS = ("constant", "cosine")
@@ -241,6 +258,8 @@ class TrainingConfig:
         if not isinstance(self.milestone_every, int) or self.milestone_every < 0:
             _fail(s, "milestone_every", f"must be a non-negative integer (0 = none), got {self.milestone_every!r}")
         _choice(s, "device", self.device, DEVICES)
+        for name in ("tensorboard", "tf32"):
+            check_bool(f"training.{name}", getattr(self, name))
 
 
 SECTIONS = {
@@ -264,24 +283,27 @@ class Config:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out = {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
         out["note"] = self.note
         return json.loads(json.dumps(out))  # tuples -> lists: exactly what the JSON file holds
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
-        unknown = sorted(set(data) - set(SECTIONS) - {"note"})
-        if unknown:
-            raise ValueError(f"unknown config sections {unknown}; valid sections are {sorted(SECTIONS)} and 'note'")
+    def from_dict(cls, data: Any) -> "Config":
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object with the sections {sorted(SECTIONS)}; "
+                             f"got a {type(data).__name__}")
+        check_known_keys("config sections", data, [*SECTIONS, "note"])
         sections = {}
         for name, section_class in SECTIONS.items():
-            values = dict(data.get(name, {}))
-            valid = {f.name for f in dataclasses.fields(section_class)}
-            bad = sorted(set(values) - valid)
-            if bad:
-                raise ValueError(f"unknown fields {bad} in section {name!r}; valid fields are {sorted(valid)}")
+            values = data.get(name, {})
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {name!r} must be a JSON object of fields, got {values!r}")
+            if section_class is ObjectiveConfig:
+                sections[name] = ObjectiveConfig.from_dict(values)
+                continue
+            check_known_keys(f"fields in section {name!r}", values, [f.name for f in dataclasses.fields(section_class)])
             sections[name] = section_class(**values)
-        return cls(**sections, note=data.get("note", ""))
+        return cls(**sections, note=str(data.get("note", "")))
 
     def save(self, path: str | Path) -> None:
         from .io import write_text_atomic
@@ -300,33 +322,61 @@ class Config:
         return cls.from_dict(data)
 
     def with_overrides(self, overrides: list[str]) -> "Config":
-        """Apply ``section.field=value`` strings; values parse as JSON, else stay strings.
+        """Apply ``section.field=value`` strings; values parse as JSON (True / False / None as
+        Python spells them too), else stay strings.
 
-        ``model.options.hidden_size=64`` reaches into the model's options.
+        ``model.options.hidden_size=64`` reaches into the model's options and
+        ``objective.meanflow.omega=2`` into the objective's settings. ``objective.method=NAME``
+        is applied first: switching the method starts its settings from that method's defaults
+        (nothing of the old method's settings is carried over), and the other overrides then
+        apply to them.
         """
         data = self.to_dict()
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} must look like section.field=value")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-            parts = key.strip().split(".")
-            if parts[0] == "note" and len(parts) == 1:
+        parsed = [_parse_override(item) for item in overrides]
+        parsed.sort(key=lambda entry: entry[1] != ["objective", "method"])  # stable: the method first
+        for item, parts, value in parsed:
+            if parts == ["note"]:
                 data["note"] = value
                 continue
             if parts[0] not in SECTIONS or len(parts) < 2:
                 raise ValueError(f"override {item!r}: the key must be section.field with a section in {sorted(SECTIONS)}")
+            if parts == ["objective", "method"]:
+                if value != data["objective"]["method"]:
+                    data["objective"] = ObjectiveConfig(value).to_dict()  # the new method's defaults
+                continue
             target = data[parts[0]]
+            if parts[0] == "objective" and len(parts) > 2 and parts[1] != target["method"]:
+                raise ValueError(f"override {item!r}: objective.{parts[1]}.* are the settings of method {parts[1]!r}, "
+                                 f"but the method is {target['method']!r}; add --set objective.method={parts[1]}")
             for part in parts[1:-1]:
                 if not isinstance(target.get(part), dict):
-                    raise ValueError(f"override {item!r}: {part!r} is not a group of fields")
+                    raise ValueError(f"override {item!r}: {part!r} is not a group of fields; groups here are "
+                                     f"{sorted(k for k, v in target.items() if isinstance(v, dict))}")
                 target = target[part]
             if parts[0] != "model" or len(parts) == 2:
-                valid = set(target)
-                if parts[-1] not in valid:
-                    raise ValueError(f"override {item!r}: unknown field {parts[-1]!r}; valid fields are {sorted(valid)}")
+                if parts[-1] not in target:
+                    raise ValueError(f"override {item!r}: unknown field {parts[-1]!r}; valid fields are {sorted(target)}")
             target[parts[-1]] = value
         return Config.from_dict(data)
+
+
+_PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
+
+def _parse_override(item: str) -> tuple[str, list[str], Any]:
+    """``"section.field=value"`` -> (item, ["section", "field"], parsed value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {item!r} must look like section.field=value")
+    if raw.strip() in _PYTHON_LITERALS:
+        value = _PYTHON_LITERALS[raw.strip()]
+    else:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+    return item, key.strip().split("."), value
+
+
+def _section_to_dict(section) -> dict[str, Any]:
+    return section.to_dict() if isinstance(section, ObjectiveConfig) else dataclasses.asdict(section)

@@ -11,29 +11,53 @@ A model predicts the *average velocity* over ``[r, t]`` with ``r <= t`` (Eq. 2):
 
 so one step from ``t`` down to ``r`` is ``z_r = z_t - (t - r) u(z_t, r, t)`` (Eq. 3).
 
-Every model in this project is called as ``model(z, r, t, y)``:
+Every model in this project is called as ``model(z, r, t, conditions)``:
 
 - ``z``: (B, ...) the noisy state ``z_t``;
 - ``r``, ``t``: (B,) the two times, in [0, 1];
-- ``y``: (B,) int64 class labels or ``None`` for an unconditional model. The null class (the
-  label a class-conditional model receives when the class is dropped for guidance) is
-  ``num_classes``; see :func:`null_class_id`.
+- ``conditions``: a :class:`meanflow.conditions.Conditions` record (class labels, and room for a
+  guidance scale, an interval, text), a bare (B,) int64 label tensor as shorthand, or ``None``
+  for an unconditional model. The null class (the label a class-conditional model receives when
+  the class is dropped for guidance) is ``num_classes``; see :func:`null_class_id`.
 
-and returns the average velocity with ``z``'s shape.
+and returns the average velocity with ``z``'s shape, or a
+:class:`meanflow.conditions.ModelOutput` naming it ``u`` beside optional further outputs.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from dataclasses import dataclass
+from typing import Optional, Protocol, Union
 
 import torch
 from torch import Tensor
 
+from .conditions import ConditionsLike, ModelOutput
+
 
 class AverageVelocityModel(Protocol):
-    """The call signature of every model: ``u = model(z, r, t, y)``, ``u.shape == z.shape``."""
+    """The call signature of every model: ``u = model(z, r, t, conditions)``, ``u.shape == z.shape``."""
 
-    def __call__(self, z: Tensor, r: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor: ...
+    def __call__(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None) -> Union[Tensor, ModelOutput]: ...
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch: data ``x`` (B, ...) in the model's space and its labels (B,) int64 or None."""
+
+    x: Tensor
+    labels: Optional[Tensor] = None
+
+
+def as_batch(batch: Union[Batch, Tensor], labels: Optional[Tensor] = None) -> Batch:
+    """A :class:`Batch` from a record, or from data ``x`` and optional labels."""
+    if isinstance(batch, Batch):
+        if labels is not None:
+            raise ValueError("labels were given twice: in the Batch and as an argument")
+        return batch
+    if isinstance(batch, Tensor):
+        return Batch(batch, labels)
+    raise TypeError(f"a batch must be a Batch record or a data tensor; got {type(batch).__name__}")
 
 
 def null_class_id(num_classes: int) -> int:

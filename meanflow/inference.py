@@ -1,4 +1,9 @@
-"""Loading trained models from checkpoints and generating samples in batches."""
+"""Loading trained models from checkpoints and generating samples in batches.
+
+A checkpoint's run record (:mod:`meanflow.run_record`) says what the model is, what space its
+samples live in (the encoder) and how it is sampled (the objective's sampler); loading reads the
+record and the chosen weights only, never the optimizer state.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +14,38 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import check_compatible, load_weights
 from .conventions import null_class_id
-from .models import build_model
-from .sampling import sample, sample_ode
-from .checkpoint import check_compatible, load_checkpoint
+from .encoders import Encoder
+from .noise import sample_noise
+from .progress import Progress
+from .run_record import RunRecord
+from .samplers import Sampler
 
 
 @dataclass
 class LoadedModel:
-    """A model in eval mode with the weights chosen from a checkpoint, and what it was trained on."""
+    """A model in eval mode with the weights chosen from a checkpoint, and its run's record."""
 
     model: nn.Module
     weights: str
     step: int
-    sample_shape: tuple
-    num_classes: Optional[int]
-    kind: str
-    config: dict
+    record: RunRecord
+    encoder: Encoder
+    sampler: Sampler
+    path: Path
+
+    @property
+    def sample_shape(self) -> tuple:
+        return self.record.sample_shape
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.record.num_classes
+
+    @property
+    def config(self) -> dict:
+        return self.record.config
 
 
 def load_model(path: str | Path, weights: Optional[str] = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -33,16 +53,22 @@ def load_model(path: str | Path, weights: Optional[str] = None, device: str | to
 
     ``weights`` names an EMA copy (``ema_0.9999``...) or ``raw``; the default is the first EMA.
     """
-    checkpoint = load_checkpoint(Path(path))
-    spec = checkpoint.trainer["model"]
-    model = build_model(spec["architecture"], spec["options"])
-    chosen = checkpoint.ema_weights(weights)
-    check_compatible(model.state_dict(), chosen if weights == "raw" else {**checkpoint.model, **chosen})
-    model.load_state_dict({**checkpoint.model, **chosen})
-    info = checkpoint.trainer["data_info"]
-    name = weights or (checkpoint.trainer["ema_names"] or ["raw"])[0]
-    return LoadedModel(model.to(device).eval(), name, checkpoint.step, tuple(info["sample_shape"]),
-                       info["num_classes"], info["kind"], checkpoint.trainer["config"])
+    folder, raw, ema, trainer = load_weights(Path(path))
+    record = RunRecord.load(folder)
+    model = record.build_model()
+    name = weights or (list(record.ema_names) or ["raw"])[0]
+    chosen = raw if name == "raw" else _ema_copy(ema, name, record.ema_names)
+    check_compatible(model.state_dict(), chosen if name == "raw" else {**raw, **chosen})
+    model.load_state_dict({**raw, **chosen})
+    return LoadedModel(model.to(device).eval(), name, int(trainer["step"]), record, record.build_encoder(),
+                       record.build_sampler(), folder)
+
+
+def _ema_copy(ema: dict[str, Tensor], name: str, names: Sequence[str]) -> dict[str, Tensor]:
+    if name not in names:
+        raise ValueError(f"unknown weights {name!r}; this checkpoint has {['raw', *names]}")
+    prefix = f"{name}/"
+    return {key[len(prefix):]: value for key, value in ema.items() if key.startswith(prefix)}
 
 
 def balanced_labels(num_samples: int, num_classes: Optional[int], device=None) -> Optional[Tensor]:
@@ -65,28 +91,35 @@ def generate(
     intermediate: Optional[float] = None,
     guidance_scale: float = 1.0,
     num_classes: Optional[int] = None,
-    ode: Optional[str] = None,
+    sampler: Optional[Sampler] = None,
+    progress: bool = False,
 ) -> Tensor:
     """``num_samples`` samples (N, *sample_shape) on the CPU, generated in batches.
 
-    The noise of sample i depends only on (seed, i // batch_size), so results do not depend on
-    the device. ``ode`` = 'euler' / 'heun' integrates the instantaneous velocity instead
-    (the flow-matching baseline); otherwise the average-velocity sampler (Eq. 3) is used.
+    The noise of sample i depends only on (seed, i) (:func:`meanflow.noise.sample_noise`), so
+    the samples do not depend on the batch size or the device, and equal those of
+    ``meanflow eval`` for the same seed. ``sampler`` is how the network is sampled (default:
+    average-velocity steps, Eq. 3; a loaded model's own is ``LoadedModel.sampler``).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    from .samplers import AverageVelocitySampler
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    sampler = sampler or AverageVelocitySampler()
     null = null_class_id(num_classes) if num_classes is not None else None
     chunks = []
-    for index, start in enumerate(range(0, num_samples, batch_size)):
-        count = min(batch_size, num_samples - start)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        noise = torch.randn((count, *sample_shape), generator=generator).to(device)
-        batch_labels = None if labels is None else labels[start:start + count].to(device)
-        if ode is None:
-            out = sample(model, noise, batch_labels, num_steps=num_steps, intermediate=intermediate,
-                         guidance_scale=guidance_scale, null_label=null)
-        else:
-            out = sample_ode(model, noise, batch_labels, num_steps=num_steps, method=ode,
-                             guidance_scale=guidance_scale, null_label=null)
-        chunks.append(out.float().cpu())
+    bar = Progress(total=-(-num_samples // batch_size), enabled=progress)
+    try:
+        for start in range(0, num_samples, batch_size):
+            indices = torch.arange(start, min(start + batch_size, num_samples))
+            noise = sample_noise(seed, indices, sample_shape).to(device)
+            batch_labels = None if labels is None else labels[indices].to(device)
+            out = sampler(model, noise, batch_labels, num_steps=num_steps, intermediate=intermediate,
+                          guidance_scale=guidance_scale, null_label=null)
+            chunks.append(out.float().cpu())
+            bar.update()
+    finally:
+        bar.close()
     return torch.cat(chunks)

@@ -12,21 +12,28 @@ Three methods, chosen by :class:`Derivative`:
   cannot run through a ``DistributedDataParallel`` wrapper.
 - ``TWO_PASS``: the JVP on the bare module without gradient, then an ordinary gradient forward
   through whatever wrapper the caller holds. Safe under data parallelism: the gradient forward
-  goes through DDP, so gradients are synchronised. A model that defines
-  ``forward_with_tangent(z, r, t, y, dz, dr, dt) -> (u, du)`` (the DiT does: primal and tangent
-  through one GEMM per linear) is differentiated by that method, about 1.8x faster than
-  ``torch.func.jvp``; other models fall back to ``torch.func.jvp``.
+  goes through DDP, so gradients are synchronised. A model that declares an explicit tangent
+  (``explicit_tangent = True``: called with ``tangent=Tangent(dz, dr, dt)`` it returns
+  ``ModelOutput(u, du=...)``; the DiT does, primal and tangent through one GEMM per linear) is
+  differentiated by that call, about 1.8x faster than ``torch.func.jvp``; other models fall back
+  to ``torch.func.jvp``. The call goes through the module's ``__call__``, the same entry that
+  DDP / FSDP2 / torch.compile wrap.
+  Dropout: the derivative pass runs first, in the module's own mode, so in training it draws
+  dropout masks of its own and the gradient forward then draws fresh ones: the target is the
+  tangent of an independently dropped network (unbiased over masks, noisier than one shared
+  mask). A shared mask would need the two passes to see the same rows, which the subset JVP
+  avoids. ``JVP`` shares one mask; without dropout the two are the same
+  (tests/test_objective.py::test_two_pass_draws_its_own_dropout_masks_and_jvp_shares_one).
 - ``FINITE_DIFFERENCE``: a central difference, the paper's ablation; approximate.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
+from .conditions import ConditionsLike, Tangent, average_velocity, supports_explicit_tangent
 from .conventions import broadcast_like
 
 
@@ -61,32 +68,34 @@ def is_data_parallel(model: nn.Module) -> bool:
 
 
 def jvp_along_flow(
-    model: nn.Module, z: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor], velocity: Tensor
+    model: nn.Module, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike, velocity: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``(u, du/dt)`` from one ``torch.func.jvp`` with tangent (velocity, 0, 1) (Eq. 5).
 
-    z, velocity: (B, ...); r, t: (B,); labels: (B,) or None. Returns two tensors of z's shape.
-    Gradients flow from ``u`` to the model's parameters unless the caller disables them.
+    z, velocity: (B, ...); r, t: (B,); conditions: labels (B,), a Conditions record or None.
+    Returns two tensors of z's shape. Gradients flow from ``u`` to the model's parameters unless
+    the caller disables them.
     """
 
     def u_of(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
-        return model(z_, r_, t_, labels)
+        return average_velocity(model(z_, r_, t_, conditions))
 
     return torch.func.jvp(u_of, (z, r, t), (velocity, torch.zeros_like(r), torch.ones_like(t)))
 
 
 def tangent_along_flow(
-    model: nn.Module, z: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor], velocity: Tensor
+    model: nn.Module, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike, velocity: Tensor
 ) -> Tensor:
-    """du/dt along (velocity, 0, 1) without gradient: the model's own ``forward_with_tangent`` when
-    it has one, else ``torch.func.jvp``. Returns z's shape."""
+    """du/dt along (velocity, 0, 1) without gradient: the model's explicit tangent when it
+    declares one, else ``torch.func.jvp``. Returns z's shape."""
     with torch.no_grad():
-        explicit = getattr(model, "forward_with_tangent", None)
-        # FSDP2 gathers sharded parameters in hooks around __call__, which a direct method call
-        # bypasses; sharded models go through torch.func.jvp, which calls the module.
-        if explicit is not None and not _is_sharded(model):
-            return explicit(z, r, t, labels, velocity, torch.zeros_like(r), torch.ones_like(t))[1]
-        return jvp_along_flow(model, z, r, t, labels, velocity)[1]
+        # FSDP2 gathers each sharded block's parameters in hooks around that block's __call__;
+        # the explicit tangent reaches the blocks through their own methods, so sharded models
+        # go through torch.func.jvp, which calls every module.
+        if supports_explicit_tangent(model) and not _is_sharded(model):
+            tangent = Tangent(velocity, torch.zeros_like(r), torch.ones_like(t))
+            return model(z, r, t, conditions, tangent=tangent).du
+        return jvp_along_flow(model, z, r, t, conditions, velocity)[1]
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -103,7 +112,7 @@ def finite_difference_along_flow(
     z: Tensor,
     r: Tensor,
     t: Tensor,
-    labels: Optional[Tensor],
+    conditions: ConditionsLike,
     velocity: Tensor,
     step: float,
 ) -> Tensor:
@@ -113,8 +122,8 @@ def finite_difference_along_flow(
     """
     with torch.no_grad():
         shift = step * velocity
-        forward = model(z + shift, r, t + step, labels)
-        backward = model(z - shift, r, t - step, labels)
+        forward = average_velocity(model(z + shift, r, t + step, conditions))
+        backward = average_velocity(model(z - shift, r, t - step, conditions))
         return (forward - backward) / (2.0 * step)
 
 

@@ -8,6 +8,11 @@ from .config import Config, DataConfig, ModelSpec, ObjectiveConfig, OptimConfig,
 from .data.toy import ToyDistribution
 
 
+def _meanflow(**settings) -> ObjectiveConfig:
+    """A MeanFlow objective with these settings (the rest at MeanFlow's defaults)."""
+    return ObjectiveConfig("meanflow", settings)
+
+
 def digits() -> Config:
     """Class-conditional 8x8 digits with guidance in the target: the demo, minutes on a laptop CPU."""
     return Config(
@@ -15,7 +20,7 @@ def digits() -> Config:
         model=ModelSpec("dit", dict(input_size=8, in_channels=1, patch_size=2, hidden_size=64, depth=4,
                                     num_heads=4, num_classes=10, frequency_size=64)),
         # omega' = omega / (1 - kappa) = 2.0, the B/2 setting of the paper.
-        objective=ObjectiveConfig(fraction_r_neq_t=0.25, omega=1.0, kappa=0.5, class_dropout=0.1),
+        objective=_meanflow(fraction_r_neq_t=0.25, omega=1.0, kappa=0.5, class_dropout=0.1),
         optim=OptimConfig(lr=1e-3, warmup_steps=100),
         # Short EMA horizons: over ~1500 steps at lr 1e-3 a 0.999 average still mixes in early,
         # very different weights (its samples came out as the wrong classes).
@@ -34,7 +39,7 @@ def toy(name: str) -> Callable[[], Config]:
             # p = 1 (made for images) flattens the loss so much that 1-NFE samples stay blurred:
             # checkerboard energy distance 0.0081 with p = 1, 0.0017 with p = 0.5, 0.0012 with p = 0
             # (benchmarks/toy_quality.py budget, one seed).
-            objective=ObjectiveConfig(fraction_r_neq_t=0.75, mu=-0.4, sigma=1.0, p=0.0, c=0.01),
+            objective=_meanflow(fraction_r_neq_t=0.75, mu=-0.4, sigma=1.0, p=0.0, c=0.01),
             optim=OptimConfig(lr=1e-3, warmup_steps=100),
             training=TrainingConfig(steps=3000, batch_size=512, ema_decays=(0.999,), log_every=100,
                                     checkpoint_every=1000, grid_samples=2000, grid_steps=(1, 2)),
@@ -52,7 +57,7 @@ def _image_dit(name: str, label: str) -> Callable[[], Config]:
             # 28x28 with patch 4: 49 tokens; ~0.9M parameters, about 0.6 s a step on 2 CPU cores.
             model=ModelSpec("dit", dict(input_size=28, in_channels=1, patch_size=4, hidden_size=128, depth=4,
                                         num_heads=4, num_classes=10, frequency_size=128)),
-            objective=ObjectiveConfig(fraction_r_neq_t=0.25, omega=1.0, kappa=0.5, class_dropout=0.1),
+            objective=_meanflow(fraction_r_neq_t=0.25, omega=1.0, kappa=0.5, class_dropout=0.1),
             optim=OptimConfig(lr=1e-3, warmup_steps=200),
             training=TrainingConfig(steps=20000, batch_size=128, ema_decays=(0.99, 0.999), log_every=100,
                                     checkpoint_every=2000, grid_samples=100, grid_steps=(1, 2)),
@@ -76,7 +81,7 @@ def _imagenet(model: str, epochs: int, omega: float, kappa: float, t_min: float,
         return Config(
             data=DataConfig(name="latents", path=None, horizontal_flip=True),
             model=ModelSpec("dit", dit_preset(model).to_dict()),
-            objective=ObjectiveConfig(mu=-0.4, sigma=1.0, fraction_r_neq_t=0.25, p=1.0, c=0.01, omega=omega,
+            objective=_meanflow(mu=-0.4, sigma=1.0, fraction_r_neq_t=0.25, p=1.0, c=0.01, omega=omega,
                                       kappa=kappa, t_min=t_min, t_max=t_max, class_dropout=0.1),
             optim=OptimConfig(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0),
             training=TrainingConfig(steps=epochs * _IMAGENET_STEPS_PER_EPOCH, batch_size=256, ema_decays=(0.9999,),
@@ -98,7 +103,7 @@ def cifar10() -> Config:
         model=ModelSpec("unet", dict(input_size=32, in_channels=3, base_channels=128, channel_multipliers=[2, 2, 2],
                                      num_res_blocks=4, attention_resolutions=[16], dropout=0.2, num_classes=None)),
         # t, r ~ LN(-2.0, 2.0) sorted; r = t with probability 0.25.
-        objective=ObjectiveConfig(mu=-2.0, sigma=2.0, fraction_r_neq_t=0.75, p=0.75, c=1e-3),
+        objective=_meanflow(mu=-2.0, sigma=2.0, fraction_r_neq_t=0.75, p=0.75, c=1e-3),
         # Linear warmup: its length is not stated by the paper; 10k steps is our choice.
         optim=OptimConfig(lr=6e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=10_000),
         training=TrainingConfig(steps=800_000, batch_size=1024, ema_decays=(0.9999, 0.99995, 0.9996),

@@ -1,6 +1,7 @@
-"""Samplers: pure functions of (model, noise, labels, times) (spec section 6).
+"""Samplers: pure functions of (model, noise, conditions, times) (spec section 6).
 
-All of them integrate from noise at t = 1 down to data at t = 0.
+All of them integrate from noise at t = 1 down to data at t = 0. ``conditions`` is a
+:class:`meanflow.conditions.Conditions` record, a (B,) label tensor or None.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .conditions import ConditionsLike, as_conditions, average_velocity
 from .conventions import as_time, broadcast_like
+from .validation import check_number, parse_enum
 
 
 class OdeMethod(str, enum.Enum):
@@ -53,22 +56,27 @@ def guided_prediction(
     z: Tensor,
     r: Tensor,
     t: Tensor,
-    labels: Optional[Tensor],
+    conditions: ConditionsLike,
     guidance_scale: float = 1.0,
     null_label: Optional[int] = None,
 ) -> Tensor:
-    """``model(z, r, t, labels)``, or with inference-time CFG when ``guidance_scale != 1``::
+    """``u`` of ``model(z, r, t, conditions)``, or with inference-time CFG when ``guidance_scale != 1``::
 
         u = u(. | null) + w (u(. | y) - u(. | null))
 
     This doubles the NFE; a model trained with guidance in its target needs none (scale 1).
     """
+    check_number("guidance_scale", guidance_scale)
     if guidance_scale == 1.0:
-        return model(z, r, t, labels)
+        return average_velocity(model(z, r, t, conditions))
+    record = as_conditions(conditions)
+    labels = record.labels
     if labels is None or null_label is None:
         raise ValueError("inference-time guidance needs class labels and the null label id")
-    null = torch.full_like(labels, null_label)
-    both = model(torch.cat([z, z]), torch.cat([r, r]), torch.cat([t, t]), torch.cat([null, labels]))
+    both_conditions = record.with_labels(torch.full_like(labels, null_label)).cat(record)
+    if isinstance(conditions, Tensor):  # the caller passes bare labels: so does the doubled call
+        both_conditions = both_conditions.labels
+    both = average_velocity(model(torch.cat([z, z]), torch.cat([r, r]), torch.cat([t, t]), both_conditions))
     unconditional, conditional = both.chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)
 
@@ -77,7 +85,7 @@ def guided_prediction(
 def sample(
     model: nn.Module,
     noise: Tensor,
-    labels: Optional[Tensor] = None,
+    conditions: ConditionsLike = None,
     num_steps: int = 1,
     times: Optional[Sequence[float] | Tensor] = None,
     intermediate: Optional[float] = None,
@@ -87,9 +95,9 @@ def sample(
     """Average-velocity sampling: ``z_r = z_t - (t - r) u(z_t, r, t)`` per interval (Eq. 3).
 
     Args:
-        model: ``u(z, r, t, y)``.
+        model: ``u(z, r, t, conditions)``.
         noise: (B, ...) ``e ~ N(0, I)``, the state at t = 1.
-        labels: (B,) class labels, or None.
+        conditions: (B,) class labels, a Conditions record, or None.
         num_steps: number of network evaluations (NFE) on a uniform grid, ignored if ``times``.
         times: an explicit decreasing grid from 1 to 0 (any spacing).
         intermediate: the middle time for 2-step sampling.
@@ -102,21 +110,21 @@ def sample(
     for t_value, r_value in zip(grid[:-1], grid[1:]):
         t = as_time(t_value, z.shape[0], z)
         r = as_time(r_value, z.shape[0], z)
-        u = guided_prediction(model, z, r, t, labels, guidance_scale, null_label)
+        u = guided_prediction(model, z, r, t, conditions, guidance_scale, null_label)
         z = z - broadcast_like(t - r, z) * u.to(z.dtype)  # Eq. 3
     return z
 
 
-def sample_one_step(model: nn.Module, noise: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+def sample_one_step(model: nn.Module, noise: Tensor, conditions: ConditionsLike = None) -> Tensor:
     """1-NFE generation ``x = e - u(e, 0, 1)``. noise: (B, ...) -> (B, ...)."""
-    return sample(model, noise, labels, num_steps=1)
+    return sample(model, noise, conditions, num_steps=1)
 
 
 @torch.no_grad()
 def sample_ode(
     model: nn.Module,
     noise: Tensor,
-    labels: Optional[Tensor] = None,
+    conditions: ConditionsLike = None,
     num_steps: int = 50,
     method: OdeMethod | str = OdeMethod.EULER,
     times: Optional[Sequence[float] | Tensor] = None,
@@ -128,15 +136,12 @@ def sample_ode(
     The flow-matching baseline: Euler (1 NFE per step) or Heun (2 NFE per step, Euler on the
     last step where it would evaluate at t = 0 only to average). noise: (B, ...) -> (B, ...).
     """
-    try:
-        method = OdeMethod(method)
-    except ValueError:
-        raise ValueError(f"method must be one of {[m.value for m in OdeMethod]}, got {method!r}") from None
+    method = parse_enum(OdeMethod, method, "method")
     grid = _grid(noise, num_steps, times, None)
     z = noise
 
     def velocity(state: Tensor, time: Tensor) -> Tensor:
-        return guided_prediction(model, state, time, time, labels, guidance_scale, null_label).to(state.dtype)
+        return guided_prediction(model, state, time, time, conditions, guidance_scale, null_label).to(state.dtype)
 
     for t_value, r_value in zip(grid[:-1], grid[1:]):
         t = as_time(t_value, z.shape[0], z)

@@ -11,7 +11,7 @@ from meanflow.data import TensorBatches, build_source
 def test_mnist_from_a_local_npz(shared_data):
     source, info = build_source(DataConfig(name="mnist", path=f"{shared_data}/mnist.npz"), 16, seed=0)
     x, y = source.next_batch()
-    assert info.sample_shape == (1, 28, 28) and info.num_classes == 10 and info.kind == "image"
+    assert info.sample_shape == (1, 28, 28) and info.num_classes == 10 and info.encoder.name == "pixels"
     assert x.shape == (16, 1, 28, 28) and float(x.min()) >= -1 and float(x.max()) <= 1 and y.dtype == torch.int64
 
 

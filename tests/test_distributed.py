@@ -37,6 +37,41 @@ def test_two_processes_update_weights_exactly_like_one_process_on_the_global_bat
     assert moved > 0
 
 
+def test_gathering_sharded_state_keeps_full_copies_on_rank_0_only(tmp_path):
+    """FSDP2 checkpoints gather one tensor at a time; ranks other than 0 keep nothing, and what
+    rank 0 keeps is bitwise the unsharded model (and its EMA, a copy of it at the start)."""
+    import ddp_worker
+
+    output = tmp_path / "gathered.safetensors"
+    torchrun(str(HERE / "ddp_worker.py"), str(output), "gather")
+    reports = [json.loads((tmp_path / f"gathered.safetensors.rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["kept"] and not reports[1]["kept"] and reports[1]["tensors"] == 0
+    gathered = load_file(output)
+    reference = ddp_worker.build_model().state_dict()
+    assert reports[0]["tensors"] == len(gathered) == 2 * len(reference)
+    for key, value in reference.items():
+        assert torch.equal(gathered[f"model/{key}"], value), key
+        assert torch.equal(gathered[f"ema/ema_0.9/{key}"], value.float()), key
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """The finiteness flag is reduced over ranks (with the stop request, in one all-reduce): a
+    loss only rank 1 sees as infinite, with finite gradients, makes both ranks skip."""
+    torchrun(str(HERE / "ddp_worker.py"), str(tmp_path / "outcome.json"), "inf-on-rank-1")
+    outcome = json.loads((tmp_path / "outcome.json").read_text())
+    assert outcome == {"step": 4, "skipped": 1, "calls": 5}
+
+
+def test_gather_helpers_in_one_process_keep_or_drop():
+    from meanflow.distributed import gather_state, gather_to_main, shard_range
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    assert gather_state(tensors, keep=False) is None and gather_to_main(tensors["w"], keep=False) is None
+    kept = gather_state(tensors, keep=True)
+    assert kept.keys() == tensors.keys() and all(torch.equal(kept[k], tensors[k]) for k in tensors)
+    assert [shard_range(10, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+
+
 def test_meanflow_train_runs_under_torchrun_and_resumes(tmp_path):
     args = ["-m", "meanflow.cli", "train", "--preset", "toy-two-moons", "--output", str(tmp_path), "--no-progress",
             "--set", "model.options.hidden_size=16", "--set", "training.batch_size=32",
@@ -68,7 +103,7 @@ def test_fsdp_training_with_resume_matches_ddp_training(tmp_path):
     a = load_checkpoint(tmp_path / "ddp")
     b = load_checkpoint(tmp_path / "fsdp")
     assert a.step == b.step == 4
-    for part in ("model", "ema"):
+    for part in ("model", "ema", "optimizer"):
         left, right = getattr(a, part), getattr(b, part)
         assert left.keys() == right.keys()
         for key in left:

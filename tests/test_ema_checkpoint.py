@@ -38,3 +38,26 @@ def test_keep_last_k_plus_milestones(tmp_path):
                                                              "step_000000010"]
     (tmp_path / "step_000000011.tmp").mkdir()  # a write that was killed half-way
     assert len(list_checkpoints(tmp_path)) == 4
+
+
+def test_the_writer_publishes_parts_only_on_commit_and_copies_only_shared_storage(tmp_path):
+    from meanflow.checkpoint import CheckpointWriter, _distinct_storage, load_checkpoint
+
+    weight = torch.arange(6.0).reshape(2, 3)
+    tied = {"encoder.weight": weight, "decoder.weight": weight, "bias": torch.ones(3)}
+    ready = _distinct_storage(tied)
+    assert ready["bias"].data_ptr() == tied["bias"].data_ptr()  # no host copy of a tensor sharing nothing
+    assert ready["encoder.weight"].data_ptr() != ready["decoder.weight"].data_ptr()
+    writer = CheckpointWriter(tmp_path, 7)
+    writer.tensors("model", tied)
+    writer.tensors("ema", {})
+    writer.tensors("optimizer", {})
+    writer.trainer_state({"note": "x"}, {"param_groups": [], "scalars": {}})
+    assert list_checkpoints(tmp_path) == []  # nothing visible before the commit
+    path = writer.commit()
+    state = load_checkpoint(path)
+    assert state.step == 7 and state.trainer["note"] == "x"
+    assert all(torch.equal(state.model[key], value) for key, value in tied.items())
+    abandoned = CheckpointWriter(tmp_path, 8)
+    abandoned.tensors("model", tied)  # killed here: the .tmp folder is ignored
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000007"]

@@ -11,17 +11,17 @@ pytest.importorskip("safetensors")
 pytest.importorskip("sklearn")
 
 from meanflow.eval.classifier import DomainFeatureExtractor, save_classifier, train_domain_classifier  # noqa: E402
-from meanflow.eval.evaluate import (  # noqa: E402
-    DOMAIN_NOTE,
+from meanflow.eval.evaluate import EvalSettings, evaluate_checkpoint  # noqa: E402
+from meanflow.eval.frechet import FeatureStatistics, save_statistics  # noqa: E402
+from meanflow.eval.protocol import SamplePlan, SamplerSetting, sample_labels, stream_sample_statistics  # noqa: E402
+from meanflow.eval.references import (  # noqa: E402
     ReferenceSpec,
-    evaluate_checkpoint,
     load_reference_images,
     parse_reference,
-    sample_labels,
-    sample_noise,
-    stream_sample_statistics,
+    reference_features,
 )
-from meanflow.eval.frechet import FeatureStatistics, save_statistics  # noqa: E402
+from meanflow.eval.reports import DOMAIN_NOTE  # noqa: E402
+from meanflow.noise import sample_noise  # noqa: E402
 from meanflow.inference import load_model  # noqa: E402
 from meanflow.presets import preset  # noqa: E402
 from meanflow.train import train  # noqa: E402
@@ -47,10 +47,11 @@ def classifier(tmp_path_factory):
 
 
 def evaluate(run, classifier, cache, **overrides):
-    settings = dict(num_samples=50, steps_list=(1, 2), metric="domain", reference="digits",
+    settings = dict(num_samples=50, steps=(1, 2), metric="domain", reference="digits",
                     classifier_path=classifier, batch_size=50, seed=3, cache_dir=cache, progress=False)
     settings.update(overrides)
-    return evaluate_checkpoint(run, **settings)
+    extractor = settings.pop("feature_extractor", None)
+    return evaluate_checkpoint(run, EvalSettings(**settings), feature_extractor=extractor)
 
 
 def test_report_records_every_setting_and_the_scores(run, classifier, tmp_path):
@@ -98,9 +99,10 @@ def test_streaming_in_batches_of_7_equals_batches_of_50_and_shards_merge(run, cl
     labels = sample_labels(50, loaded.num_classes, "balanced", seed=0)
 
     def stream(batch_size, rank=0, world_size=1):
-        return stream_sample_statistics(loaded.model, extractor, 50, loaded.sample_shape, 1, labels,
-                                        loaded.num_classes, seed=0, batch_size=batch_size, rank=rank,
-                                        world_size=world_size).features
+        plan = SamplePlan(50, loaded.sample_shape, labels, loaded.num_classes, seed=0, batch_size=batch_size,
+                          rank=rank, world_size=world_size)
+        return stream_sample_statistics(loaded.model, SamplerSetting(loaded.sampler, 1), plan, loaded.encoder,
+                                        extractor).features
 
     whole, streamed = stream(50), stream(7)
     assert whole.count == streamed.count == 50
@@ -124,13 +126,13 @@ def test_noise_and_labels_depend_only_on_the_sample_index():
 
 
 def test_a_statistics_file_can_be_the_reference(run, classifier, tmp_path):
-    report = evaluate(run, classifier, tmp_path / "cache", steps_list=(1,))
+    report = evaluate(run, classifier, tmp_path / "cache", steps=(1,))
     cached = tmp_path / "cache" / f"{report['reference']['key']}.npz"
-    from_file = evaluate(run, classifier, tmp_path / "unused", steps_list=(1,), reference=str(cached))
+    from_file = evaluate(run, classifier, tmp_path / "unused", steps=(1,), reference=str(cached))
     assert from_file["scores"][0]["fid"] == pytest.approx(report["scores"][0]["fid"], rel=1e-12)
     save_statistics(tmp_path / "wrong_dim.npz", np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="dimension 4"):
-        evaluate(run, classifier, tmp_path, steps_list=(1,), reference=str(tmp_path / "wrong_dim.npz"))
+        evaluate(run, classifier, tmp_path, steps=(1,), reference=str(tmp_path / "wrong_dim.npz"))
 
 
 def test_bad_settings_are_refused(run, classifier, tmp_path):
@@ -167,7 +169,7 @@ def test_array_data_set_references_are_read_like_training_data(shared_data):
 def test_command_line_sweep_trains_a_classifier_and_writes_a_table_json_and_plot(run, tmp_path, capsys):
     import argparse
 
-    from meanflow.commands_eval import add_eval_parser
+    from meanflow.cli.eval import add_parser as add_eval_parser
 
     parser = argparse.ArgumentParser(prog="meanflow")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
@@ -194,7 +196,7 @@ def test_command_line_sweep_trains_a_classifier_and_writes_a_table_json_and_plot
 def test_command_line_refuses_several_weights_without_sweep(run, tmp_path):
     import argparse
 
-    from meanflow.commands_eval import add_eval_parser
+    from meanflow.cli.eval import add_parser as add_eval_parser
 
     parser = argparse.ArgumentParser(prog="meanflow")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
@@ -220,18 +222,19 @@ class ProjectionFeatures:
 
 def test_inception_metric_path_reports_the_inception_score(run, tmp_path):
     save_statistics(tmp_path / "reference.npz", np.zeros(16), np.eye(16), info={"feature_extractor": "projection-test"})
-    settings = dict(num_samples=40, steps_list=(1,), metric="inception", reference=str(tmp_path / "reference.npz"),
-                    seed=0, progress=False, feature_extractor=ProjectionFeatures())
-    report = evaluate_checkpoint(run, batch_size=40, **settings)
+    settings = EvalSettings(num_samples=40, steps=(1,), metric="inception", reference=str(tmp_path / "reference.npz"),
+                            seed=0, progress=False, batch_size=40)
+    extractor = ProjectionFeatures()
+    report = evaluate_checkpoint(run, settings, feature_extractor=extractor)
     entry = report["scores"][0]
     assert report["feature_extractor"] == "projection-test" and "note" not in report
     assert entry["inception_score_mean"] >= 1.0 and entry["inception_score_std"] >= 0.0 and "accuracy" not in entry
-    streamed = evaluate_checkpoint(run, batch_size=6, **settings)["scores"][0]
+    streamed = evaluate_checkpoint(run, settings.replace(batch_size=6), feature_extractor=extractor)["scores"][0]
     assert streamed["inception_score_mean"] == pytest.approx(entry["inception_score_mean"], rel=1e-6)
     assert streamed["fid"] == pytest.approx(entry["fid"], rel=1e-6)
     save_statistics(tmp_path / "other.npz", np.zeros(16), np.eye(16), info={"feature_extractor": "another-network"})
     with pytest.raises(ValueError, match="holds statistics of another-network"):
-        evaluate_checkpoint(run, batch_size=40, **dict(settings, reference=str(tmp_path / "other.npz")))
+        evaluate_checkpoint(run, settings.replace(reference=str(tmp_path / "other.npz")), feature_extractor=extractor)
 
 
 def test_precision_recall_option_reports_both_and_does_not_depend_on_the_batch_size(run, classifier, tmp_path):
@@ -250,7 +253,6 @@ def test_precision_recall_option_reports_both_and_does_not_depend_on_the_batch_s
 def test_precision_recall_of_real_images_against_themselves_and_against_noise(classifier):
     """Reference features from the data set (seeded subset) and from an ADM-style batch (arr_0)."""
     from meanflow.eval.classifier import load_classifier
-    from meanflow.eval.evaluate import reference_features
     from meanflow.eval.inception import precision_recall
 
     extractor = DomainFeatureExtractor(load_classifier(classifier))
@@ -270,7 +272,6 @@ def test_precision_recall_of_real_images_against_themselves_and_against_noise(cl
 
 def test_precision_recall_needs_reference_images(run, classifier, tmp_path):
     from meanflow.eval.classifier import load_classifier
-    from meanflow.eval.evaluate import reference_features
 
     extractor = DomainFeatureExtractor(load_classifier(classifier))
     images, _ = load_reference_images(ReferenceSpec("digits", "all"))

@@ -13,14 +13,9 @@ import torch
 
 Image = pytest.importorskip("PIL.Image")
 
-from meanflow.data.images import (  # noqa: E402
-    ImageFolderDataset,
-    center_crop_adm,
-    load_array_dataset,
-    load_image_folder,
-    prepare_images,
-    to_model_range,
-)
+from meanflow.data.arrays import load_array_dataset  # noqa: E402
+from meanflow.data.folders import ImageFolderDataset, center_crop_adm, load_image_folder  # noqa: E402
+from meanflow.data.transforms import prepare_images, to_model_range  # noqa: E402
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -1,4 +1,4 @@
-"""The SD-VAE latent cache: encoding, resuming, posterior sampling, decoding, loading the VAE.
+"""The SD-VAE latent cache: encoding, resuming, posterior sampling (read ahead), decoding, loading the VAE.
 
 Every test runs a real diffusers AutoencoderKL, built from a tiny configuration with random
 weights (the real ft-mse weights cannot be downloaded here): 2 levels, so 32 x 32 images become
@@ -7,7 +7,12 @@ weights (the real ft-mse weights cannot be downloaded here): 2 levels, so 32 x 3
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,16 +21,18 @@ import torch
 Image = pytest.importorskip("PIL.Image")
 diffusers = pytest.importorskip("diffusers")
 
-from meanflow.commands_encode import add_encode_parser  # noqa: E402
-from meanflow.data.images import center_crop_adm, pil_to_tensor, to_model_range  # noqa: E402
-from meanflow.data.latents import (  # noqa: E402
+from meanflow.cli.encode import add_parser as add_encode_parser  # noqa: E402
+from meanflow.data.folders import center_crop_adm  # noqa: E402
+from meanflow.data.latent_dataset import LatentDataset  # noqa: E402
+from meanflow.data.latent_source import LatentBatches  # noqa: E402
+from meanflow.data.latent_writer import encode_image_folder  # noqa: E402
+from meanflow.data.transforms import pil_to_tensor, to_model_range  # noqa: E402
+from meanflow.data.vae import (  # noqa: E402
     DEFAULT_VAE,
     SD_VAE_SCALE_FACTOR,
-    LatentBatches,
-    LatentDataset,
     VAEUnavailableError,
+    clear_vae_cache,
     decode_latents,
-    encode_image_folder,
     load_vae,
 )
 
@@ -290,6 +297,107 @@ def test_each_draw_is_a_fresh_posterior_sample_and_resume_is_bit_identical(cache
         assert torch.equal(labels, torch.cat([part[1] for part in parts]))
 
 
+def bits(z):
+    """The float32 bit patterns of z: equal only if z is bitwise equal."""
+    return z.contiguous().view(torch.int32)
+
+
+def reader_threads(source):
+    """Record the thread of every cache read of ``source``; returns the list it fills."""
+    threads = []
+    read = source.dataset.moments
+
+    def recording(indices, flipped=None):
+        threads.append(threading.current_thread())
+        return read(indices, flipped)
+
+    source.dataset.moments = recording
+    return threads
+
+
+@pytest.mark.parametrize("options", [dict(batch_size=3, seed=5),
+                                     dict(batch_size=2, seed=5, rank=1, world_size=2, class_conditional=False)])
+def test_reading_ahead_draws_bitwise_the_batches_and_states_of_synchronous_reads(cache, options):
+    synchronous = LatentBatches(cache, prefetch=False, **options)
+    ahead = LatentBatches(cache, prefetch=True, **options)
+    threads = reader_threads(ahead)
+    for _ in range(11):  # 3 or 2 batches per epoch of 10 images: several epoch boundaries
+        (z, labels), (z_ahead, labels_ahead) = synchronous.next_batch(), ahead.next_batch()
+        assert torch.equal(bits(z), bits(z_ahead))
+        assert (labels is None and labels_ahead is None) or torch.equal(labels, labels_ahead)
+        assert ahead.state_dict() == synchronous.state_dict()
+    ahead.close()  # waits for the 12th batch, read ahead
+    assert not any(thread.is_alive() for thread in threads[1:])  # no reader outlives close()
+    # The first batch is read by the caller, every later one by a daemon thread started one batch earlier.
+    assert threads[0] is threading.current_thread() and len(threads) == 12
+    assert all(thread is not threading.current_thread() and thread.daemon for thread in threads[1:])
+
+
+def test_resuming_or_rewinding_a_reading_ahead_source_drops_the_batch_read_for_the_old_position(cache):
+    uninterrupted = LatentBatches(cache, batch_size=3, seed=2, prefetch=False)
+    expected = [uninterrupted.next_batch()[0] for _ in range(8)]
+
+    run = LatentBatches(cache, batch_size=3, seed=2)
+    for _ in range(4):  # across the epoch boundary after 3 batches
+        run.next_batch()
+    state = json.loads(json.dumps(run.state_dict()))  # saved with the 5th batch already read ahead
+    resumed = LatentBatches(cache, batch_size=3, seed=2)
+    resumed.next_batch()  # a read-ahead for the wrong position, to be dropped
+    resumed.load_state_dict(state)
+    for step in range(4, 8):
+        assert torch.equal(bits(resumed.next_batch()[0]), bits(expected[step]))
+
+    run.load_state_dict({"epoch": 0, "offset": 3})  # back to the 2nd batch while the 5th is read ahead
+    for step in range(1, 8):
+        assert torch.equal(bits(run.next_batch()[0]), bits(expected[step]))
+
+
+def test_an_error_in_the_reader_thread_is_raised_by_next_batch_and_the_batch_is_not_lost(cache):
+    reference = LatentBatches(cache, batch_size=3, seed=0, prefetch=False)
+    source = LatentBatches(cache, batch_size=3, seed=0)
+    read, threads = source.dataset.moments, []
+
+    def failing_once(indices, flipped=None):
+        threads.append(threading.current_thread())
+        if len(threads) == 2:
+            raise OSError("the disk went away")
+        return read(indices, flipped)
+
+    source.dataset.moments = failing_once
+    assert torch.equal(source.next_batch()[0], reference.next_batch()[0])
+    with pytest.raises(OSError, match="the disk went away"):
+        source.next_batch()  # read ahead, in another thread, raised in this one
+    assert threads[1] is not threading.current_thread()
+    assert source.state_dict() == {"epoch": 0, "offset": 3}  # the failed batch is still the next one
+    assert torch.equal(source.next_batch()[0], reference.next_batch()[0])
+
+
+READ_AHEAD_AT_EXIT = """
+import sys, time
+import meanflow.data.latent_source as latent_source
+latent_source._EXIT_WAIT_SECONDS = 1.0
+source = latent_source.LatentBatches(sys.argv[1], batch_size=3)
+read, calls = source.dataset.moments, []
+def maybe_stuck(indices, flipped=None):
+    calls.append(1)
+    if sys.argv[2] == "stuck" and len(calls) > 1:
+        time.sleep(3600)  # a read that never ends
+    return read(indices, flipped)
+source.dataset.moments = maybe_stuck
+source.next_batch()  # returns with the next batch being read ahead
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("reader", ["in-flight", "stuck"])
+def test_a_read_ahead_at_exit_neither_hangs_nor_aborts_the_interpreter(cache, reader):
+    # Without the wait at exit, a daemon thread stopped inside torch aborts the finished process (SIGABRT).
+    finished = subprocess.run([sys.executable, "-c", READ_AHEAD_AT_EXIT, str(cache), reader], capture_output=True,
+                              text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert finished.returncode == 0 and finished.stdout == "returned\n", finished.stderr
+    assert "terminate" not in finished.stderr
+
+
 def test_decode_divides_by_the_scale_factor_and_returns_images_in_range(cache, vae):
     z, _ = LatentBatches(cache, batch_size=6, seed=0).next_batch()
     decoded = decode_latents(vae, z, batch_size=4)
@@ -327,6 +435,55 @@ def test_offline_load_names_the_weights_and_a_saved_folder_loads_back(tmp_path, 
     original = vae.state_dict()
     assert loaded.state_dict().keys() == original.keys()
     assert all(torch.equal(tensor, original[key]) for key, tensor in loaded.state_dict().items())
+
+
+@pytest.fixture
+def vae_reads(monkeypatch):
+    """The names load_vae passes to AutoencoderKL.from_pretrained, with an empty VAE cache around the test."""
+    clear_vae_cache()
+    reads = []
+    from_pretrained = diffusers.AutoencoderKL.from_pretrained
+
+    def counting(name, **options):
+        reads.append(name)
+        return from_pretrained(name, **options)
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", counting)
+    yield reads
+    clear_vae_cache()
+
+
+def test_a_vae_is_read_from_disk_once_per_folder_device_and_dtype(tmp_path, monkeypatch, vae, vae_reads):
+    folder = tmp_path / "vae"
+    vae.save_pretrained(folder)
+    first = load_vae(folder)
+    assert load_vae(folder) is first and load_vae(str(folder), device=torch.device("cpu")) is first
+    monkeypatch.chdir(tmp_path)
+    assert load_vae("./vae", "cpu", torch.float32) is first  # another spelling of the same folder
+    assert len(vae_reads) == 1
+
+    double = load_vae(folder, dtype=torch.float64)  # another dtype is another module
+    assert double is not first and next(double.parameters()).dtype == torch.float64
+    assert load_vae(folder, dtype=torch.float64) is double and len(vae_reads) == 2
+
+    # Weights saved again into the folder are read again. The modification times are moved on
+    # explicitly: a file system may keep them too coarsely to tell two quick saves apart.
+    other = tiny_vae()
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(1.0)
+    other.save_pretrained(folder)
+    for file in folder.iterdir():
+        stat = file.stat()
+        os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    reloaded = load_vae(folder)
+    assert reloaded is not first and len(vae_reads) == 3
+    assert torch.equal(reloaded.decoder.conv_out.bias, other.decoder.conv_out.bias)
+
+    clear_vae_cache()
+    assert load_vae(folder) is not reloaded and len(vae_reads) == 4
+    with pytest.raises(VAEUnavailableError):
+        load_vae(tmp_path / "no_such_vae")
+    assert load_vae(vae) is vae and len(vae_reads) == 4  # a module is used as it is, never cached
 
 
 def test_the_encode_command_writes_a_float16_cache_without_flips(tmp_path, images, vae, cache, capsys):

@@ -234,7 +234,7 @@ def test_class_dropout_rate_and_null_id():
         seen.append(y.clone())
         return torch.zeros_like(z)
 
-    objective.loss(spy, torch.zeros(20000, 2), torch.randint(0, 10, (20000,)), torch.Generator().manual_seed(0))
+    objective.loss(spy, torch.zeros(20000, 2), torch.randint(0, 10, (20000,)), generator=torch.Generator().manual_seed(0))
     dropped = (seen[-1] == 10).float().mean().item()
     assert abs(dropped - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 20000)
 
@@ -344,3 +344,42 @@ def test_two_pass_uses_the_dit_explicit_tangent_and_agrees_with_torch_func():
     _, reference = single.prediction_and_target(model, x, e, r, t, labels)
     assert calls == [1]
     torch.testing.assert_close(fast, reference, atol=1e-12, rtol=1e-10)
+
+
+def test_two_pass_draws_its_own_dropout_masks_and_jvp_shares_one():
+    """The documented choice (meanflow.jvp): under dropout, 'two_pass' runs the derivative pass
+    first with masks of its own, then the gradient forward with fresh masks; 'jvp' differentiates
+    the very forward the gradient flows through (one mask). Without dropout both are the same."""
+    from meanflow.jvp import jvp_along_flow, tangent_along_flow
+    from meanflow.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(input_size=8, in_channels=1, base_channels=8, channel_multipliers=[1, 2],
+                            num_res_blocks=1, attention_resolutions=[], dropout=0.5, num_classes=None,
+                            num_heads=1, frequency_size=16)).double()
+    torch.nn.init.normal_(model.output_conv.weight, std=0.3)
+    x, noise = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    r, t = torch.full((4,), 0.2, dtype=torch.float64), torch.full((4,), 0.7, dtype=torch.float64)
+    z, v = interpolate(x, noise, t), noise - x
+    gap = (t - r)[:, None, None, None]
+
+    torch.manual_seed(5)
+    u, target = MeanFlow(derivative="two_pass").prediction_and_target(model, x, noise, r, t)
+    torch.manual_seed(5)
+    dudt = tangent_along_flow(model, z, r, t, None, v)  # the derivative pass first, its own masks
+    assert torch.equal(u, model(z, r, t)) and torch.equal(target, v - gap * dudt)
+
+    torch.manual_seed(5)
+    u_jvp, target_jvp = MeanFlow(derivative="jvp").prediction_and_target(model, x, noise, r, t)
+    torch.manual_seed(5)
+    primal, dudt_jvp = jvp_along_flow(model, z, r, t, None, v)  # one forward: u and du/dt share a mask
+    assert torch.equal(u_jvp, primal) and torch.equal(target_jvp, v - gap * dudt_jvp)
+    # The same seed gives the derivative passes the same masks (equal targets), but two_pass's
+    # prediction comes from a second forward with other masks, jvp's from the first.
+    torch.testing.assert_close(target, target_jvp, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(u, u_jvp)
+
+    model.eval()  # no dropout: the two backends agree
+    two_pass = MeanFlow(derivative="two_pass").prediction_and_target(model, x, noise, r, t)[1]
+    one_pass = MeanFlow(derivative="jvp").prediction_and_target(model, x, noise, r, t)[1]
+    torch.testing.assert_close(two_pass, one_pass, rtol=1e-10, atol=1e-12)

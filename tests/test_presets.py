@@ -5,7 +5,7 @@ import torch
 
 from meanflow.models import build_model
 from meanflow.presets import PRESETS, preset
-from meanflow.train.objective_factory import build_objective
+from meanflow.objectives import build_objective
 
 IMAGENET = {
     # name: (params in M of the paper, omega, kappa, t_min, t_max, epochs)
@@ -29,7 +29,7 @@ def test_imagenet_presets_carry_the_papers_recipe(name):
     params, omega, kappa, t_min, t_max, epochs = IMAGENET[name]
     config = preset(name)
     assert abs(count(config) / 1e6 - params) / params < 0.01
-    o, opt, tr = config.objective, config.optim, config.training
+    o, opt, tr = config.objective.settings, config.optim, config.training
     assert (o.mu, o.sigma, o.fraction_r_neq_t, o.p, o.c, o.class_dropout) == (-0.4, 1.0, 0.25, 1.0, 0.01, 0.1)
     assert (o.omega, o.kappa, o.t_min, o.t_max) == (omega, kappa, t_min, t_max)
     assert (opt.lr, opt.betas, opt.weight_decay, opt.warmup_steps) == (1e-4, (0.9, 0.95), 0.0, 0)
@@ -42,7 +42,7 @@ def test_imagenet_presets_carry_the_papers_recipe(name):
 def test_cifar10_preset_carries_the_papers_recipe():
     config = preset("cifar10")
     assert abs(count(config) / 1e6 - 55.9) / 55.9 < 0.02
-    o, opt, tr = config.objective, config.optim, config.training
+    o, opt, tr = config.objective.settings, config.optim, config.training
     assert (o.mu, o.sigma, o.fraction_r_neq_t, o.p, o.c) == (-2.0, 2.0, 0.75, 0.75, 1e-3)
     assert (opt.lr, opt.betas) == (6e-4, (0.9, 0.999)) and opt.warmup_steps > 0
     assert (tr.batch_size, tr.steps, tr.ema_decays) == (1024, 800_000, (0.9999, 0.99995, 0.9996))
@@ -69,7 +69,7 @@ def test_each_paper_model_takes_one_real_training_step_on_cpu(name):
     torch.manual_seed(0)
     model = build_model(config.model.architecture, config.model.options)
     num_classes = config.model.options.get("num_classes")
-    objective = build_objective(config.objective, num_classes)
+    objective = build_objective(config.objective.method, config.objective.settings, num_classes)
     shape = (2, config.model.options["in_channels"], 32, 32)
     x, noise = torch.randn(shape), torch.randn(shape)
     t = torch.tensor([0.7, 0.5])

@@ -149,4 +149,4 @@ def test_tensorboard_logs_scalars_and_grids(tmp_path):
 def test_checkpoints_hold_only_data_files(tmp_path):
     result = train(toy(2), tmp_path, progress=False)
     names = sorted(p.name for p in result.checkpoint.iterdir())
-    assert names == ["ema.safetensors", "model.safetensors", "optimizer.safetensors", "trainer.json"]
+    assert names == ["ema.safetensors", "model.safetensors", "optimizer.safetensors", "run.json", "trainer.json"]

@@ -97,7 +97,7 @@ def test_learning_rate_schedule_warms_up_then_stays_or_follows_a_half_cosine():
     import math
 
     from meanflow.config import OptimConfig
-    from meanflow.train.loop import lr_factor
+    from meanflow.train import lr_factor
 
     assert [lr_factor(s, 4, 100, "constant") for s in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
     cosine = [lr_factor(s, 4, 104, "cosine") for s in range(104)]
@@ -116,3 +116,69 @@ def test_cosine_schedule_reaches_the_logged_learning_rate(tmp_path):
     logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # The optimizer's lr after n steps (the rate of step n + 1): half the base at 10 of 20, 0 at the end.
     assert logged == [pytest.approx(0.005), pytest.approx(0.0, abs=1e-12)]
+
+
+def test_a_custom_loop_gets_the_schedule_and_ema_from_meanflow_train():
+    from meanflow.train import EMA, build_schedule, lr_factor
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = build_schedule(optimizer, warmup=2, total=10, decay="cosine")
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == [pytest.approx(0.1 * lr_factor(s, 2, 10, "cosine")) for s in range(4)]
+    assert rates[:2] == [pytest.approx(0.05), pytest.approx(0.1)]
+    assert EMA(model, (0.5,)).names == ("ema_0.5",)
+    with pytest.raises(ValueError, match="decay must be 'constant' or 'cosine'"):
+        build_schedule(optimizer, 0, 10, "linear")
+
+
+def test_the_metric_window_averages_on_the_device_and_reads_once():
+    from meanflow.distributed import Distributed
+    from meanflow.train.metrics import MetricWindow
+
+    window = MetricWindow()
+    single = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    for value in (1.0, 2.0, 6.0):
+        window.add({"loss": torch.tensor(value), "grad_norm": torch.tensor(2 * value)})
+    reading = window.read(single)
+    assert reading.means == {"grad_norm": 6.0, "loss": 3.0} and reading.steps == 3
+    assert window.read(single).steps == 0  # a new window
+    with pytest.raises(ValueError, match="metrics changed"):
+        window.add({"loss": torch.tensor(1.0)})  # the names are fixed for the run
+
+
+def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
+    """The loop's own host reads per step (the objective's are its own): one flag, not one
+    float per metric. Counted by wrapping every Tensor method that returns a host value."""
+    import traceback
+
+    from meanflow.train.loop import Trainer
+
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0].filename.replace("\\", "/")
+            if "/meanflow/train/" in caller or caller.endswith(("/meanflow/distributed.py", "/meanflow/progress.py")):
+                reads.append(caller)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    trainer = Trainer(tiny_toy(12).with_overrides(["training.log_every=4"]), tmp_path, progress=True)
+    per_step = []
+    real_step = trainer.train_step
+
+    def step(*args, **kwargs):
+        before = len(reads)
+        outcome = real_step(*args, **kwargs)
+        per_step.append(len(reads) - before)
+        return outcome
+
+    trainer.train_step = step
+    trainer.run()
+    assert per_step == [1] * 12

@@ -5,22 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..encoders import Encoder, LatentEncoder, PixelEncoder, PointEncoder
 from .sources import BatchSource, TensorBatches, ToyStream
 
 # digits: embedded (scikit-learn); toy: 2-D exact samplers; mnist / fashion-mnist / cifar10:
 # torchvision download or a local .npz / folder (data.path); folder: an ImageFolder tree held in
 # memory (small data sets); latents: a cache written by `meanflow encode` (data.path), drawing a
-# fresh posterior sample every step.
-DATASETS = ("digits", "toy", "mnist", "fashion-mnist", "cifar10", "folder", "latents")
+# fresh posterior sample every step; memory: samples passed to meanflow.train.train(data=...);
+# npz: an .npz of samples x (N, ...) and optional labels (N,) at data.path (see .memory).
+DATASETS = ("digits", "toy", "mnist", "fashion-mnist", "cifar10", "folder", "latents", "memory", "npz")
 
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What the model needs to know about the data: one sample's shape and the classes."""
+    """What the model needs to know about the data: one sample's shape, the classes, and the
+    encoder of the space the samples live in (pixels, VAE latents or points)."""
 
     sample_shape: tuple
     num_classes: Optional[int]
-    kind: str  # "image" (C, H, W), "latent" (C, h, w) or "points" (D,)
+    encoder: Encoder
 
 
 def load_images(config):
@@ -29,7 +32,9 @@ def load_images(config):
         from .digits import DIGITS_NATIVE_RESOLUTION, load_digits_tensors
 
         return load_digits_tensors(config.resolution or DIGITS_NATIVE_RESOLUTION)
-    from .images import load_array_dataset, load_image_folder, prepare_images
+    from .arrays import load_array_dataset
+    from .folders import load_image_folder
+    from .transforms import prepare_images
 
     if config.name == "folder":
         if not config.path:
@@ -44,23 +49,31 @@ def load_images(config):
 def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> tuple[BatchSource, DataInfo]:
     """A batch source of ``batch_size`` samples per process for a :class:`meanflow.config.DataConfig`."""
     if config.name == "toy":
-        return ToyStream(config.toy, batch_size, seed, rank), DataInfo((2,), None, "points")
+        return ToyStream(config.toy, batch_size, seed, rank), DataInfo((2,), None, PointEncoder((2,), reference=config.toy))
     if config.name == "latents":
         if not config.path:
             raise ValueError("data.name='latents' needs data.path: a latent cache folder written by "
                              "`meanflow encode --images ROOT --output CACHE`")
-        from .latents import LatentBatches, LatentDataset
+        from .latent_dataset import LatentDataset
+        from .latent_source import LatentBatches
 
         cache = LatentDataset(config.path)
         source = LatentBatches(config.path, batch_size, seed, rank, world_size, flip=config.horizontal_flip,
                                class_conditional=config.class_conditional)
         num_classes = len(cache.class_names) if config.class_conditional else None
-        return source, DataInfo(tuple(cache.latent_shape), num_classes, "latent")
+        shape = tuple(cache.latent_shape)
+        encoder = LatentEncoder(shape, vae=config.vae or cache.manifest["vae"],
+                                downsampling=int(cache.manifest["resolution"]) // shape[-1])
+        return source, DataInfo(shape, num_classes, encoder)
+    if config.name in ("memory", "npz"):
+        from .memory import source_from_config
+
+        return source_from_config(config, batch_size, seed, rank, world_size)
     images, labels = load_images(config)
     num_classes = int(labels.max()) + 1 if config.class_conditional else None
     source = TensorBatches(images, labels if config.class_conditional else None, batch_size, seed,
                            config.horizontal_flip, rank, world_size)
-    return source, DataInfo(tuple(images.shape[1:]), num_classes, "image")
+    return source, DataInfo(tuple(images.shape[1:]), num_classes, PixelEncoder(tuple(images.shape[1:])))
 
 
 __all__ = ["DATASETS", "BatchSource", "DataInfo", "TensorBatches", "ToyStream", "build_source", "load_images"]

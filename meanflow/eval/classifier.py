@@ -23,7 +23,6 @@ and how it was trained), so loading runs no pickled code.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fingerprints import state_fingerprint
 from ..io import write_text_atomic
 from .frechet import FeatureStatistics, frechet_distance
 
@@ -245,11 +245,8 @@ class DomainFeatureExtractor:
 
 def classifier_fingerprint(model: DomainClassifier) -> str:
     """sha256 of the configuration and weights: two classifiers share it only if they are identical."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    settings = json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode()
+    return state_fingerprint(model.state_dict(), prefix=settings)
 
 
 def save_classifier(model: DomainClassifier, path: Union[str, Path], info: Optional[dict[str, Any]] = None) -> Path:

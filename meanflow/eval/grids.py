@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..io import write_bytes_atomic
+from ..pixels import to_uint8
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -69,9 +70,7 @@ def image_grid_array(
     if not low < high:
         raise ValueError(f"value_range must be (lo, hi) with lo < hi, got {value_range}")
 
-    values = images.detach().to(device="cpu", dtype=torch.float64)
-    levels = torch.floor((values - low) / (high - low) * 255.0 + 0.5)
-    levels = torch.nan_to_num(levels, nan=0.0).clamp(0.0, 255.0).to(torch.uint8)
+    levels = to_uint8(images.detach().cpu(), low, high)  # the project's one rounding rule
     tiles = levels.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
 
     columns = min(nrow, count)

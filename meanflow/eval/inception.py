@@ -27,7 +27,6 @@ its path (``weights_path=`` here, ``--inception-weights`` on the command line).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import sys
@@ -39,6 +38,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
+from ..fingerprints import state_fingerprint
+from ..pixels import to_uint8
 from .distances import ArrayLike, precision_recall  # noqa: F401  (precision_recall re-exported)
 
 INCEPTION_FEATURE_DIM = 2048
@@ -85,8 +86,8 @@ def images_to_uint8_rgb(images: ArrayLike) -> Tensor:
 
     Args:
         images: (B, C, H, W) or (B, H, W) with C in {1, 3}; uint8 in 0..255, or floating point
-            in [-1, 1] (the model's range), which maps to ``round(127.5 (x + 1))`` after clamping
-            (what saving the image as a PNG would store). Grey images are repeated to 3 channels.
+            in [-1, 1] (the model's range), mapped by :func:`meanflow.pixels.to_uint8` (what saving the
+            image as a PNG would store). Grey images are repeated to 3 channels.
     """
     images = torch.as_tensor(images)
     if images.dim() == 3:
@@ -96,7 +97,7 @@ def images_to_uint8_rgb(images: ArrayLike) -> Tensor:
     if images.dtype.is_floating_point:
         if bool(torch.isnan(images).any()):
             raise ValueError("images contain NaN")
-        images = ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+        images = to_uint8(images)
     elif images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 (0..255) or floating point in [-1, 1], got {images.dtype}")
     if images.shape[1] == 1:
@@ -160,7 +161,7 @@ class InceptionFeatureExtractor:
     def fingerprint(self) -> str:
         """sha256 of the loaded weights (in parameter order), whichever file they came from."""
         if self._fingerprint is None:
-            self._fingerprint = _state_fingerprint(self.network.state_dict())
+            self._fingerprint = state_fingerprint(self.network.state_dict())
         return self._fingerprint
 
     @torch.no_grad()
@@ -205,16 +206,6 @@ def _offline_message(module: ModuleType, error: Exception) -> str:
         f"Offline, copy {file_name} into {cache}, or point at a local copy with --inception-weights PATH "
         "(Python: InceptionFeatureExtractor(weights_path=PATH))."
     )
-
-
-def _state_fingerprint(state: dict[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 class InceptionScoreStatistics:

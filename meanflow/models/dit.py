@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..conditions import ConditionsLike, ModelOutput, Tangent
 from .attention import attention
+from .base import AverageVelocityNetwork
 from .embeddings import TimeConditioning
 from .tangent import (
     attention_with_tangent,
@@ -276,12 +278,17 @@ class FinalLayer(nn.Module):
         return linear_with_tangent(h, dh, self.linear.weight, self.linear.bias)  # (B, N, p * p * C)
 
 
-class DiT(nn.Module):
-    """A diffusion transformer predicting the average velocity ``u(z, r, t, y)`` (Eq. 2).
+class DiT(AverageVelocityNetwork):
+    """A diffusion transformer predicting the average velocity ``u(z, r, t, conditions)`` (Eq. 2).
 
-    Called as ``model(z, r, t, y)`` like every model of the project (see
-    :mod:`meanflow.conventions`). A fresh model outputs exactly zero (adaLN-Zero).
+    Called as ``model(z, r, t, conditions)`` like every model of the project (see
+    :mod:`meanflow.conventions`). A fresh model outputs exactly zero (adaLN-Zero). It declares an
+    explicit tangent: ``model(z, r, t, conditions, tangent=Tangent(dz, dr, dt))`` returns a
+    :class:`~meanflow.conditions.ModelOutput` with ``u`` and its exact derivative ``du``
+    (:meth:`forward_with_tangent`), through the module call that DDP / FSDP2 / compile wrap.
     """
+
+    explicit_tangent = True
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -326,18 +333,28 @@ class DiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, z: Tensor, r: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(
+        self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None, tangent: Tangent | None = None
+    ) -> Tensor | ModelOutput:
         """The average velocity over [r, t].
 
         Args:
             z: (B, C, H, W) the noisy state z_t, with C = in_channels and H = W = input_size.
             r: (B,) the earlier time, ``r <= t``.
             t: (B,) the current time.
-            y: (B,) int64 labels in ``[0, num_classes]`` (``num_classes`` is the null class) for a
-                class-conditional model; None for an unconditional one.
+            conditions: (B,) int64 labels in ``[0, num_classes]`` (``num_classes`` is the null
+                class), or a Conditions record with them, for a class-conditional model; None
+                for an unconditional one.
+            tangent: a direction (dz, dr, dt); when given, the output is a ModelOutput whose
+                ``du`` is the derivative of ``u`` along it (no gradient recorded).
         Returns:
-            (B, C, H, W) the predicted average velocity u(z, r, t, y).
+            (B, C, H, W) the predicted average velocity u(z, r, t, y), or, with a tangent, the
+            ModelOutput (u, du).
         """
+        y = self.read_labels(conditions)
+        if tangent is not None:
+            u, du = self.forward_with_tangent(z, r, t, y, tangent.dz, tangent.dr, tangent.dt)
+            return ModelOutput(u=u, du=du)
         config = self.config
         self._check_input(z)
         batch, p, g = z.shape[0], config.patch_size, config.grid_size

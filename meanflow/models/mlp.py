@@ -7,6 +7,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from ..conditions import ConditionsLike
+from .base import AverageVelocityNetwork
 from .embeddings import TimeConditioning
 
 
@@ -42,8 +44,8 @@ class MLPConfig:
         return cls(**_known_fields(cls, data))
 
 
-class MLP(nn.Module):
-    """``u(z, r, t, y)`` for flat data. z: (B, D) -> (B, D).
+class MLP(AverageVelocityNetwork):
+    """``u(z, r, t, conditions)`` for flat data. z: (B, D) -> (B, D).
 
     The conditioning vector c = embed(t) + embed(t - r) [+ embed(y)] is added to the first hidden
     layer and, with ``condition_blocks``, a per-block projection of SiLU(c) enters every residual
@@ -68,8 +70,9 @@ class MLP(nn.Module):
         nn.init.zeros_(self.output[1].weight)
         nn.init.zeros_(self.output[1].bias)
 
-    def forward(self, z: Tensor, r: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
-        c = self.conditioning(r, t, y)  # (B, W)
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None) -> Tensor:
+        """z: (B, D); r, t: (B,); conditions: labels (B,) or None -> u (B, D)."""
+        c = self.conditioning(r, t, self.read_labels(conditions))  # (B, W)
         h = self.input(z) + c  # (B, W)
         c = nn.functional.silu(c)
         for index, block in enumerate(self.blocks):

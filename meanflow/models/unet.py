@@ -51,8 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meanflow.models.attention import attention
-from meanflow.models.embeddings import LabelEmbedder, ScalarEmbedder
+from ..conditions import ConditionsLike
+from .attention import attention
+from .base import AverageVelocityNetwork
+from .embeddings import LabelEmbedder, ScalarEmbedder
 
 _SKIP_SCALE = 1.0 / math.sqrt(2.0)
 _MAX_GROUPS = 32
@@ -282,11 +284,11 @@ class UNetConditioning(nn.Module):
         return c
 
 
-class UNet(nn.Module):
+class UNet(AverageVelocityNetwork):
     """DDPM++-style U-Net predicting the average velocity ``u(z_t, r, t)`` (Eq. 2).
 
-    Call as ``model(z, r, t, y)`` with z (B, in_channels, input_size, input_size), r and t (B,)
-    with ``r <= t``, y (B,) int64 labels or None; returns (B, in_channels, input_size, input_size).
+    Call as ``model(z, r, t, conditions)`` with z (B, in_channels, input_size, input_size), r and t (B,)
+    with ``r <= t``, conditions (B,) int64 labels (or a Conditions record) or None; returns (B, in_channels, input_size, input_size).
     See the module docstring for the architecture and :data:`UNET_PRESETS` for named configs.
     """
 
@@ -341,8 +343,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.output_conv.weight)
         nn.init.zeros_(self.output_conv.bias)
 
-    def forward(self, z: Tensor, r: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """Average velocity. z: (B, C, H, W); r, t: (B,); y: (B,) or None -> (B, C, H, W)."""
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None) -> Tensor:
+        """Average velocity. z: (B, C, H, W); r, t: (B,); conditions: labels (B,) or None -> (B, C, H, W)."""
+        y = self.read_labels(conditions)
         expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
         if z.dim() != 4 or tuple(z.shape[1:]) != expected:
             raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {tuple(z.shape)}")

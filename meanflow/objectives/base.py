@@ -1,29 +1,106 @@
-"""What every objective shares: noise, label dropout, and the loss from (prediction, target)."""
+"""The objective protocol, and what the registered objectives share.
+
+Every objective, built in or plugged in, offers (see :class:`Objective`):
+
+- ``name`` and ``Settings``: the name in the registry and config (``objective.method``), and a
+  keyword-only frozen dataclass of its knobs, nested in the config as ``objective.<name>.*``
+  and validated by the objective itself (:meth:`Objective.parse_settings`);
+- ``from_settings(settings, num_classes)``: the objective for a data set's classes;
+- ``loss(model, batch, generator=..., progress=...)``: the loss of one batch, where
+  ``progress`` in [0, 1] is the share of training done (for curricula);
+- ``sampler``: how its network is sampled (:mod:`meanflow.samplers`);
+- ``required_conditions`` and ``check_model(model)``: what the network must accept, checked
+  when the objective is built for a network.
+
+:class:`NoiseTimeObjective` implements ``loss`` for objectives that draw noise, times and label
+dropout and regress a prediction onto a target (:meth:`prediction_and_target`).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..conventions import check_times, null_class_id
+from ..conditions import LABELS, accepted_conditions
+from ..conventions import Batch, as_batch, check_times, null_class_id
+from ..samplers import Sampler
+from ..validation import check_known_keys, check_number
 from .guidance import drop_labels
 from .loss import AdaptiveWeighting, LossOutput, loss_output
 
 
 class Objective:
-    """Base of the training objectives.
+    """The protocol of a training objective (see the module docstring). Objectives hold no
+    optimizer, EMA or data loader."""
 
-    Subclasses define :meth:`sample_times` and :meth:`prediction_and_target`; this class turns a
-    data batch into a loss. Objectives hold no optimizer, EMA or data loader.
+    name: ClassVar[str]
+    Settings: ClassVar[type]
+    num_classes: Optional[int]
+
+    @classmethod
+    def parse_settings(cls, values: Any = None):
+        """The objective's Settings record from a record, a dict (unknown keys refused, naming
+        the valid ones) or None (the defaults)."""
+        if values is None:
+            return cls.Settings()
+        if isinstance(values, cls.Settings):
+            return values
+        if not isinstance(values, dict):
+            raise ValueError(f"objective.{cls.name} must be a group of settings, got {values!r}")
+        valid = [f.name for f in dataclasses.fields(cls.Settings)]
+        check_known_keys(f"settings for objective {cls.name!r}", values, valid)
+        try:
+            return cls.Settings(**values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"objective.{cls.name}: {error}") from None
+
+    @classmethod
+    def from_settings(cls, settings: Any, num_classes: Optional[int]) -> "Objective":
+        raise NotImplementedError
+
+    @property
+    def sampler(self) -> Sampler:
+        raise NotImplementedError
+
+    @property
+    def required_conditions(self) -> frozenset[str]:
+        """The conditions the objective passes to the network."""
+        return frozenset({LABELS}) if self.num_classes is not None else frozenset()
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a network that does not accept the conditions this objective passes."""
+        missing = self.required_conditions - accepted_conditions(model)
+        if missing:
+            raise ValueError(f"objective {self.name!r} passes the conditions {sorted(missing)}, which the "
+                             f"network {type(model).__name__} does not accept (accepts "
+                             f"{sorted(accepted_conditions(model)) or 'none'}); "
+                             "set the model's num_classes to match the data")
+
+    def check_parallel(self, data_parallel: bool, sharded: bool) -> None:
+        """Refuse, at start, a setting that cannot run under this kind of parallelism."""
+
+    def loss(self, model: nn.Module, batch: Batch | Tensor, labels: Optional[Tensor] = None, *,
+             generator: Optional[torch.Generator] = None, progress: float = 0.0) -> LossOutput:
+        """The loss of one batch. ``batch`` is a :class:`~meanflow.conventions.Batch` (or data
+        ``x`` (B, ...) with ``labels``); ``progress`` in [0, 1] is the share of training done."""
+        raise NotImplementedError
+
+
+class NoiseTimeObjective(Objective):
+    """An objective that draws noise, times (r, t) and label dropout, then regresses the network's
+    prediction onto a stop-gradient target with an adaptive weight (Eq. 7-8).
+
+    Subclasses define :meth:`sample_times` and :meth:`prediction_and_target`.
     """
 
     weighting: AdaptiveWeighting
-    num_classes: Optional[int]
     class_dropout: float
 
-    def sample_times(self, batch_size: int, like: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def sample_times(self, batch_size: int, like: Tensor, generator: Optional[torch.Generator],
+                     progress: float = 0.0) -> tuple[Tensor, Tensor]:
         """(r, t), each (B,), with like's dtype and device."""
         raise NotImplementedError
 
@@ -33,17 +110,14 @@ class Objective:
         """The deterministic core: ``(u_theta(z_t, r, t), sg(u_tgt))`` for explicit inputs."""
         raise NotImplementedError
 
-    def loss(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        labels: Optional[Tensor] = None,
-        generator: torch.Generator | None = None,
-    ) -> LossOutput:
-        """Draw noise, times and label dropout for a data batch ``x`` (B, ...) and return the loss."""
-        labels = self.check_labels(labels, x.shape[0], allow_null=False)
+    def loss(self, model, batch, labels=None, *, generator=None, progress=0.0) -> LossOutput:
+        """Draw noise, times and label dropout for the batch's data ``x`` (B, ...) and return the loss."""
+        batch = as_batch(batch, labels)
+        check_number("progress", progress, 0.0, 1.0)
+        x = batch.x
+        labels = self.check_labels(batch.labels, x.shape[0], allow_null=False)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        r, t = self.sample_times(x.shape[0], x, generator)
+        r, t = self.sample_times(x.shape[0], x, generator, progress)
         if labels is not None:
             labels = drop_labels(labels, self.class_dropout, null_class_id(self.num_classes), generator)
         return self.loss_at(model, x, noise, r, t, labels)
@@ -76,3 +150,9 @@ class Objective:
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= upper):
             raise ValueError(f"labels must lie in [0, {upper - 1}]; got range [{int(labels.min())}, {int(labels.max())}]")
         return labels.long()
+
+
+def check_num_classes(num_classes: Optional[int]) -> None:
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be an integer >= 1 or None, got {num_classes!r}")

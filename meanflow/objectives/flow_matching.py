@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..conditions import average_velocity
 from ..conventions import interpolate
-from .base import Objective
+from ..samplers import Sampler, VelocityOdeSampler
+from ..validation import check_fraction
+from .base import NoiseTimeObjective, check_num_classes
 from .loss import AdaptiveWeighting
 from .time_sampling import TimeSampler
 
 
-class FlowMatching(Objective):
+@dataclass(frozen=True, kw_only=True)
+class FlowMatchingSettings:
+    """The knobs of :class:`FlowMatching` (``objective.flow_matching.*``).
+
+    ``t`` is one draw of ``distribution`` (``mu``, ``sigma``); ``p``, ``c`` the adaptive weight
+    (default p = 0: the plain squared error); ``class_dropout`` the share of null labels, so
+    inference-time CFG is possible.
+    """
+
+    distribution: str = "logit_normal"
+    mu: float = -0.4
+    sigma: float = 1.0
+    p: float = 0.0
+    c: float = 0.01
+    class_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.time_sampler(), self.weighting()  # each record validates its fields
+        check_fraction("class_dropout", self.class_dropout)
+
+    def time_sampler(self) -> TimeSampler:
+        return TimeSampler(distribution=self.distribution, mu=self.mu, sigma=self.sigma)
+
+    def weighting(self) -> AdaptiveWeighting:
+        return AdaptiveWeighting(p=self.p, c=self.c)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FlowMatching(NoiseTimeObjective):
     """Regress the network at r = t onto the conditional velocity ``v = e - x``.
 
     Args:
@@ -21,25 +55,41 @@ class FlowMatching(Objective):
         weighting: per-sample weighting; the default p = 0 is the plain squared error.
         num_classes: None for unconditional data, else the number of classes.
         class_dropout: probability of the null label, so inference-time CFG is possible.
+
+    Its network is an instantaneous velocity: it is sampled by integrating an ODE (Euler).
     """
+
+    name = "flow_matching"
+    Settings = FlowMatchingSettings
 
     def __init__(
         self,
         time_sampler: TimeSampler | None = None,
+        *,
         weighting: AdaptiveWeighting | None = None,
         num_classes: Optional[int] = None,
         class_dropout: float = 0.1,
     ):
         self.time_sampler = time_sampler or TimeSampler()
         self.weighting = weighting or AdaptiveWeighting(p=0.0)
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
-        if not 0.0 <= class_dropout <= 1.0:
-            raise ValueError(f"class_dropout must lie in [0, 1], got {class_dropout}")
+        check_num_classes(num_classes)
+        check_fraction("class_dropout", class_dropout)
         self.num_classes = num_classes
         self.class_dropout = class_dropout if num_classes is not None else 0.0
 
-    def sample_times(self, batch_size: int, like: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    @classmethod
+    def from_settings(cls, settings, num_classes: Optional[int]) -> "FlowMatching":
+        settings = cls.parse_settings(settings)
+        return cls(settings.time_sampler(), weighting=settings.weighting(), num_classes=num_classes,
+                   class_dropout=settings.class_dropout)
+
+    @property
+    def sampler(self) -> Sampler:
+        """The network is a velocity field u(z, t, t): an Euler ODE (``--ode heun`` at sampling for Heun)."""
+        return VelocityOdeSampler("euler")
+
+    def sample_times(self, batch_size: int, like: Tensor, generator: torch.Generator | None,
+                     progress: float = 0.0) -> tuple[Tensor, Tensor]:
         sampler = self.time_sampler
         t = sampler.draw(batch_size, sampler.mu, sampler.sigma, like.device, like.dtype, generator)
         return t, t
@@ -52,4 +102,4 @@ class FlowMatching(Objective):
         if not torch.equal(r, t):
             raise ValueError("flow matching trains at r = t; got r != t")
         z = interpolate(x, noise, t)  # (B, ...) Eq. 1
-        return model(z, t, t, labels), (noise - x).detach()
+        return average_velocity(model(z, t, t, labels)), (noise - x).detach()

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..validation import check_fraction, check_number, check_positive
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class TrainingGuidance:
     """Settings of guidance inside the target.
 
@@ -27,16 +29,15 @@ class TrainingGuidance:
     class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.omega < 0:
-            raise ValueError(f"omega must be >= 0, got {self.omega}")
-        if not 0.0 <= self.kappa < 1.0:
-            raise ValueError(f"kappa must lie in [0, 1), got {self.kappa}")
-        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
+        check_positive("omega", self.omega, allow_zero=True)
+        check_number("kappa", self.kappa, 0.0, 1.0, high_open=True)
+        check_fraction("t_min", self.t_min)
+        check_fraction("t_max", self.t_max)
+        if not self.t_min <= self.t_max:
             raise ValueError(
                 f"the guidance interval must satisfy 0 <= t_min <= t_max <= 1, got [{self.t_min}, {self.t_max}]"
             )
-        if not 0.0 <= self.class_dropout <= 1.0:
-            raise ValueError(f"class_dropout must lie in [0, 1], got {self.class_dropout}")
+        check_fraction("class_dropout", self.class_dropout)
 
     @property
     def effective_scale(self) -> float:

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from ..conventions import at_least_fp32
+from ..validation import check_positive
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AdaptiveWeighting:
     """``loss_i = L_i / sg((L_i + c)^p)`` with ``L_i`` the per-sample squared error (Eq. 8).
 
@@ -22,10 +23,8 @@ class AdaptiveWeighting:
     c: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.p < 0:
-            raise ValueError(f"adaptive weighting power p must be >= 0, got {self.p}")
-        if self.c <= 0:
-            raise ValueError(f"adaptive weighting constant c must be > 0, got {self.c}")
+        check_positive("adaptive weighting power p", self.p, allow_zero=True)
+        check_positive("adaptive weighting constant c", self.c)
 
     def __call__(self, squared_error: Tensor) -> Tensor:
         """(B,) per-sample ``L_i`` -> (B,) weighted loss. The weight carries no gradient."""

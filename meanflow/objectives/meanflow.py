@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..conditions import average_velocity
 from ..conventions import at_least_fp32, broadcast_like, interpolate, null_class_id
 from ..jvp import (
     Derivative,
@@ -16,13 +18,66 @@ from ..jvp import (
     tangent_along_flow,
     unwrap,
 )
-from .base import Objective
+from ..samplers import AverageVelocitySampler, Sampler
+from ..validation import check_positive, parse_enum
+from .base import NoiseTimeObjective, check_num_classes
 from .guidance import TrainingGuidance, guided_velocity
 from .loss import AdaptiveWeighting
-from .time_sampling import TimeSampler, _enum
+from .time_sampling import TimeSampler
 
 
-class MeanFlow(Objective):
+@dataclass(frozen=True, kw_only=True)
+class MeanFlowSettings:
+    """The knobs of :class:`MeanFlow`, as the config holds them (``objective.meanflow.*``).
+
+    Time law (spec section 3): ``distribution`` with ``mu``, ``sigma``; ``fraction_r_neq_t``,
+    ``mask_mode``; optional own law of r (``r_mu``, ``r_sigma``). Loss (section 2): adaptive
+    weight ``p``, ``c``. Derivative (section 3): ``derivative`` ('two_pass' default: exact,
+    DDP/FSDP-safe and the fastest; 'jvp': torch.func.jvp in one pass, refuses DDP;
+    'finite_difference': approximate, the paper's ablation) and its ``finite_difference_step``.
+    Guidance in the target (section 5, class-conditional data only): ``omega``, ``kappa``,
+    interval ``[t_min, t_max]``, ``class_dropout``.
+    """
+
+    distribution: str = "logit_normal"
+    mu: float = -0.4
+    sigma: float = 1.0
+    fraction_r_neq_t: float = 0.25
+    mask_mode: str = "random"
+    r_mu: Optional[float] = None
+    r_sigma: Optional[float] = None
+    p: float = 1.0
+    c: float = 0.01
+    derivative: str = "two_pass"
+    finite_difference_step: float = 1e-3
+    omega: float = 1.0
+    kappa: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    class_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        parse_enum(Derivative, self.derivative, "derivative")
+        check_positive("finite_difference_step", self.finite_difference_step)
+        self.time_sampler(), self.weighting(), self.guidance()  # each record validates its fields
+
+    def time_sampler(self) -> TimeSampler:
+        return TimeSampler(distribution=self.distribution, mu=self.mu, sigma=self.sigma,
+                           fraction_r_neq_t=self.fraction_r_neq_t, mask_mode=self.mask_mode, r_mu=self.r_mu,
+                           r_sigma=self.r_sigma)
+
+    def weighting(self) -> AdaptiveWeighting:
+        return AdaptiveWeighting(p=self.p, c=self.c)
+
+    def guidance(self) -> TrainingGuidance:
+        return TrainingGuidance(omega=self.omega, kappa=self.kappa, t_min=self.t_min, t_max=self.t_max,
+                                class_dropout=self.class_dropout)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MeanFlow(NoiseTimeObjective):
     """Train ``u_theta(z_t, r, t)`` on the MeanFlow target (Eq. 6)::
 
         u_tgt = sg( v_hat - (t - r) d/dt u_theta(z_t, r, t) ),   tangent (v_hat, dr = 0, dt = 1)
@@ -43,9 +98,13 @@ class MeanFlow(Objective):
     autocast disabled, whatever precision the rest of the forward uses.
     """
 
+    name = "meanflow"
+    Settings = MeanFlowSettings
+
     def __init__(
         self,
         time_sampler: TimeSampler | None = None,
+        *,
         weighting: AdaptiveWeighting | None = None,
         num_classes: Optional[int] = None,
         guidance: TrainingGuidance | None = None,
@@ -54,19 +113,38 @@ class MeanFlow(Objective):
     ):
         self.time_sampler = time_sampler or TimeSampler()
         self.weighting = weighting or AdaptiveWeighting()
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
+        check_num_classes(num_classes)
         if guidance is not None and num_classes is None:
             raise ValueError("guidance needs class labels: set num_classes, or pass guidance=None")
         self.num_classes = num_classes
         self.guidance = guidance
         self.class_dropout = guidance.class_dropout if guidance is not None else 0.0
-        self.derivative = _enum(Derivative, derivative, "derivative")
-        if finite_difference_step <= 0:
-            raise ValueError(f"finite_difference_step must be > 0, got {finite_difference_step}")
+        self.derivative = parse_enum(Derivative, derivative, "derivative")
+        check_positive("finite_difference_step", finite_difference_step)
         self.finite_difference_step = finite_difference_step
 
-    def sample_times(self, batch_size: int, like: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    @classmethod
+    def from_settings(cls, settings, num_classes: Optional[int]) -> "MeanFlow":
+        """MeanFlow from its settings record (or dict); guidance applies to class-conditional data only."""
+        settings = cls.parse_settings(settings)
+        guidance = settings.guidance() if num_classes is not None else None
+        return cls(settings.time_sampler(), weighting=settings.weighting(), num_classes=num_classes,
+                   guidance=guidance, derivative=settings.derivative,
+                   finite_difference_step=settings.finite_difference_step)
+
+    @property
+    def sampler(self) -> Sampler:
+        """The network is an average velocity: Eq. 3 steps, one NFE each."""
+        return AverageVelocitySampler()
+
+    def check_parallel(self, data_parallel: bool, sharded: bool) -> None:
+        if data_parallel and not sharded and self.derivative is Derivative.JVP:
+            raise ValueError("objective.meanflow.derivative='jvp' cannot run through DistributedDataParallel (the "
+                             "JVP would bypass gradient synchronisation); use 'two_pass' (the default) or "
+                             "training.parallel=fsdp")
+
+    def sample_times(self, batch_size: int, like: Tensor, generator: torch.Generator | None,
+                     progress: float = 0.0) -> tuple[Tensor, Tensor]:
         return self.time_sampler.sample(batch_size, like.device, like.dtype, generator)
 
     def prediction_and_target(
@@ -87,7 +165,7 @@ class MeanFlow(Objective):
             u, dudt = self._single_pass(model, z, r, t, labels, v_hat, moving)
         else:
             dudt = self._derivative_without_grad(model, z, r, t, labels, v_hat, moving)
-            u = model(z, r, t, labels)  # (B, ...) the one gradient forward, through any wrapper
+            u = average_velocity(model(z, r, t, labels))  # (B, ...) the one gradient forward, through any wrapper
         u_tgt = at_least_fp32(v_hat)
         if moving.numel():
             dudt = at_least_fp32(dudt).to(u_tgt.dtype)
@@ -114,11 +192,11 @@ class MeanFlow(Objective):
             null_labels = torch.full_like(labels[rows], null)
             if guidance.needs_conditional_prediction:
                 # One forward of 2n rows: unconditional then conditional, both at r = t.
-                both = bare(torch.cat([z_g, z_g]), torch.cat([t_g, t_g]), torch.cat([t_g, t_g]),
-                            torch.cat([null_labels, labels[rows]]))
+                both = average_velocity(bare(torch.cat([z_g, z_g]), torch.cat([t_g, t_g]), torch.cat([t_g, t_g]),
+                                             torch.cat([null_labels, labels[rows]])))
                 v_unc, v_cond = both.chunk(2)
             else:
-                v_unc, v_cond = bare(z_g, t_g, t_g, null_labels), None
+                v_unc, v_cond = average_velocity(bare(z_g, t_g, t_g, null_labels)), None
         mixed = guided_velocity(v[rows], v_unc.to(v.dtype), None if v_cond is None else v_cond.to(v.dtype),
                                 guidance.omega, guidance.kappa)
         return v.index_copy(0, rows, mixed)
@@ -128,7 +206,7 @@ class MeanFlow(Objective):
     ) -> tuple[Tensor, Tensor]:
         """u for the whole batch and du/dt for the ``moving`` rows; the JVP primal carries gradient."""
         if moving.numel() == 0:
-            return model(z, r, t, labels), z.new_zeros((0, *z.shape[1:]))
+            return average_velocity(model(z, r, t, labels)), z.new_zeros((0, *z.shape[1:]))
         if is_data_parallel(model):
             raise ValueError(
                 "derivative='jvp' cannot run through DistributedDataParallel (the JVP would bypass gradient "
@@ -139,7 +217,8 @@ class MeanFlow(Objective):
             u_moving, dudt = jvp_along_flow(unwrap(model), *_rows_for_jvp(z, r, t, labels, v_hat, moving))
         if resting.numel() == 0:
             return u_moving, dudt
-        u_resting = model(z[resting], r[resting], t[resting], None if labels is None else labels[resting])
+        u_resting = average_velocity(model(z[resting], r[resting], t[resting],
+                                            None if labels is None else labels[resting]))
         order = torch.cat([moving, resting]).argsort()  # back to batch order
         return torch.cat([u_moving.to(u_resting.dtype), u_resting])[order], dudt
 

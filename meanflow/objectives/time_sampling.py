@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..validation import check_fraction, check_number, check_positive, parse_enum
+
 
 class TimeDistribution(str, enum.Enum):
     """How a single time is drawn."""
@@ -30,12 +32,7 @@ class MaskMode(str, enum.Enum):
     PREFIX = "prefix"
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TimeSampler:
     """Samples (r, t) with 0 <= r <= t <= 1 for a batch.
 
@@ -56,15 +53,16 @@ class TimeSampler:
     r_sigma: Optional[float] = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "distribution", _enum(TimeDistribution, self.distribution, "distribution"))
-        object.__setattr__(self, "mask_mode", _enum(MaskMode, self.mask_mode, "mask_mode"))
-        if self.sigma <= 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        _check_fraction("fraction_r_neq_t", self.fraction_r_neq_t)
+        object.__setattr__(self, "distribution", parse_enum(TimeDistribution, self.distribution, "distribution"))
+        object.__setattr__(self, "mask_mode", parse_enum(MaskMode, self.mask_mode, "mask_mode"))
+        check_number("mu", self.mu)
+        check_positive("sigma", self.sigma)
+        check_fraction("fraction_r_neq_t", self.fraction_r_neq_t)
         if (self.r_mu is None) != (self.r_sigma is None):
             raise ValueError("r_mu and r_sigma must be given together (or neither)")
-        if self.r_sigma is not None and self.r_sigma <= 0:
-            raise ValueError(f"r_sigma must be > 0, got {self.r_sigma}")
+        if self.r_sigma is not None:
+            check_number("r_mu", self.r_mu)
+            check_positive("r_sigma", self.r_sigma)
         if self.r_mu is not None and self.distribution is not TimeDistribution.LOGIT_NORMAL:
             raise ValueError("a separate law for r (r_mu, r_sigma) requires distribution='logit_normal'")
 
@@ -103,11 +101,3 @@ class TimeSampler:
             return torch.arange(batch_size, device=device) < num_equal
         uniform = torch.rand(batch_size, device=device, generator=generator)
         return uniform >= self.fraction_r_neq_t
-
-
-def _enum(kind: type[enum.Enum], value, field: str):
-    try:
-        return kind(value)
-    except ValueError:
-        valid = ", ".join(repr(member.value) for member in kind)
-        raise ValueError(f"{field} must be one of {valid}; got {value!r}") from None

@@ -7,6 +7,8 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..distributed import shard_like
+
 
 def ema_name(decay: float) -> str:
     """The name an EMA copy is stored and chosen under, e.g. ``ema_0.9999``."""
@@ -62,11 +64,11 @@ class EMA:
         return {f"{name}/{key}": value for name, shadow in self.shadows.items() for key, value in shadow.items()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy full tensors (as :meth:`state_tensors` names them) into the shadows, sharded like
+        them under FSDP2."""
         for name, shadow in self.shadows.items():
             for key in shadow:
                 stored = tensors.get(f"{name}/{key}")
                 if stored is None:
                     raise ValueError(f"the checkpoint has no EMA tensor {name}/{key}")
-                from .distributed import shard_like
-
                 shadow[key].copy_(shard_like(stored, shadow[key]))

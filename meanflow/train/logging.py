@@ -44,7 +44,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("training.tensorboard=true needs the 'tensorboard' package: pip install tensorboard") from None
+                raise ImportError("training.tensorboard=true needs the 'tensorboard' package: "
+                                  "pip install tensorboard") from None
             self.writer = SummaryWriter(str(Path(folder) / "tensorboard"), purge_step=resumed_step + 1)
 
     def write(self, metrics: dict) -> None:

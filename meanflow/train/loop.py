@@ -1,41 +1,44 @@
 """The training loop: data -> objective.loss -> backward -> clip -> optimizer -> EMA, with
 periodic logs, checkpoints and sample grids. The same code runs as one process or under
 ``torchrun``; re-running the same command resumes; SIGTERM / SIGINT checkpoint and stop.
+
+This module wires the run's parts together (:class:`Trainer`) and runs the loop; one step is
+:mod:`.step`, what a checkpoint holds is :mod:`.state`, the lr schedule :mod:`.schedule`, the
+stop request :mod:`.signals`, and the metrics of a logging window :mod:`.metrics`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-import math
 import random
-import signal
-import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import (
-    check_compatible,
-    latest_checkpoint,
-    load_checkpoint,
-    load_optimizer,
-    optimizer_tensors,
-    save_checkpoint,
-)
-from ..config import Config
+from ..checkpoint import latest_checkpoint
+from ..config import Config, DataConfig
+from ..conventions import Batch
 from ..data import DataInfo, build_source
+from ..data.memory import InMemoryData, as_in_memory_data, memory_source
+from ..distributed import Distributed, gather_state, init_distributed, shard_model, shutdown
+from ..encoders import Encoder, LatentEncoder
 from ..models import build_model
-from .distributed import Distributed, gather_full, init_distributed, shard_like, shard_model, shutdown
+from ..objectives import build_objective
+from ..progress import Progress
+from ..run_record import RUN_FILE, build_record
 from .ema import EMA
 from .logging import MetricsLog, memory_mib
-from .objective_factory import build_objective
-from .progress import Progress
+from .metrics import MetricWindow
 from .sample_grids import write_sample_grids
+from .schedule import build_schedule
+from .signals import StopRequest
+from .state import TrainingState, restore_state, save_state
+from .step import NonFinitePolicy, StepOutcome, TrainStep
 
 
 @dataclass
@@ -65,264 +68,159 @@ def check_model_matches_data(config: Config, info: DataInfo) -> None:
     if "in_channels" in options and (len(shape) != 3 or options["in_channels"] != shape[0]):
         problems.append(f"model.options.in_channels={options['in_channels']} but images have shape {shape}")
     if options.get("num_classes") != info.num_classes:
+        where = ("labels= given to train()" if config.data.name == "memory"
+                 else f"data.class_conditional={config.data.class_conditional}")
         problems.append(f"model.options.num_classes={options.get('num_classes')} but the data has "
-                        f"{info.num_classes if info.num_classes else 'no'} classes (data.class_conditional="
-                        f"{config.data.class_conditional})")
+                        f"{info.num_classes if info.num_classes else 'no'} classes ({where})")
     if problems:
         raise ValueError("the model does not fit the data:\n  " + "\n  ".join(problems))
 
 
-def _rng_state(generator: torch.Generator) -> dict:
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state().tolist(),
-        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
-        "python": [version, list(internal), gauss],
-        "objective": generator.get_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
-
-
-def _restore_rng(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    generator.set_state(torch.tensor(state["objective"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (main thread only)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self) -> "_StopRequest":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def draws_grids(encoder: Encoder) -> bool:
+    """Whether sample grids can be drawn for this data: latents, images of 1 or 3 channels, or
+    2-D points. User data of other shapes (e.g. (D,) vectors) trains without grids."""
+    shape = tuple(encoder.sample_shape)
+    return isinstance(encoder, LatentEncoder) or (encoder.is_image and shape[0] in (1, 3)) or shape == (2,)
 
 
 class Trainer:
-    """Everything one training process holds. Use :func:`train`; the class is its machinery."""
+    """Everything one training process holds. Use :func:`train`; the class is its machinery.
 
-    def __init__(self, config: Config, output_dir: Path, progress: bool = True):
+    ``data``: validated in-memory samples (``config.data.name == "memory"``), or None to build
+    the data set ``config.data`` names.
+    """
+
+    def __init__(self, config: Config, output_dir: Path, progress: bool = True,
+                 data: Optional[InMemoryData] = None):
         self.config, self.output_dir, self.show_progress = config, Path(output_dir), progress
         settings = config.training
         self.dist: Distributed = init_distributed(settings.device)
-        world = self.dist.world_size
-        if settings.batch_size % world:
+        if settings.batch_size % self.dist.world_size:
             raise ValueError(f"training.batch_size={settings.batch_size} must be divisible by the number of "
-                             f"processes ({world})")
-        self.local_batch = settings.batch_size // world
+                             f"processes ({self.dist.world_size})")
         device = self.dist.device
         if device.type == "cuda" and settings.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-
         seed = settings.seed + 1_000_003 * self.dist.rank  # per-rank noise, shared data order
-        torch.manual_seed(seed)
-        np.random.seed(seed % (2**32))
-        random.seed(seed)
-        self.source, self.info = build_source(config.data, self.local_batch, settings.seed, self.dist.rank, world)
+        _seed_everything(seed)
+        source, self.info = self._data_source(data, settings.batch_size // self.dist.world_size)
         check_model_matches_data(config, self.info)
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
-        self.model = build_model(config.model.architecture, config.model.options).to(device)
+        model = build_model(config.model.architecture, config.model.options).to(device)
         torch.manual_seed(seed)
         self.sharded = self.dist.enabled and settings.parallel == "fsdp"
         if self.sharded:
-            shard_model(self.model)  # before the optimizer and EMA, so their state is sharded too
-        self.objective = build_objective(config.objective, self.info.num_classes, data_parallel=self.dist.enabled,
-                                         sharded=self.sharded)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
-                                           weight_decay=config.optim.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, partial(lr_factor, warmup=config.optim.warmup_steps, total=settings.steps,
-                                    decay=config.optim.decay))
-        self.ema = EMA(self.model, settings.ema_decays, settings.ema_period)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.network: nn.Module = self.model  # what the gradient forward goes through
-        if self.dist.enabled and not self.sharded:
-            self.network = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        if settings.compile:
-            self.network = torch.compile(self.network, backend=settings.compile)
-        self.step = 0
-        self.skipped = 0
-        self.consecutive_skips = 0
+            shard_model(model)  # before the optimizer and EMA, so their state is sharded too
+        self.objective = build_objective(config.objective.method, config.objective.settings, self.info.num_classes,
+                                         model=model, data_parallel=self.dist.enabled, sharded=self.sharded)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas,
+                                      weight_decay=config.optim.weight_decay)
+        schedule = build_schedule(optimizer, config.optim.warmup_steps, settings.steps, config.optim.decay)
+        ema = EMA(model, settings.ema_decays, settings.ema_period)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.state = TrainingState(model, ema, optimizer, schedule, source, generator)
+        self.network = self._wrap(model)
+        self.policy = NonFinitePolicy(settings.on_nonfinite, settings.max_consecutive_skips)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+        self.take_step = TrainStep(self.network, model, self.objective, optimizer, schedule, ema, self.policy,
+                                   self.dist, config.optim.grad_clip, autocast)
+        self.record = build_record(config, self.info.encoder, self.objective, self.info.num_classes, ema.names)
         self.checkpoints = self.output_dir / "checkpoints"
+        self.latest: dict[str, Any] = {}  # the last logged metrics
+        self.checkpoint: Optional[Path] = None  # the newest checkpoint (rank 0 knows its path)
+        self.saved = False  # whether this process wrote (or resumed from) a checkpoint
+
+    def _data_source(self, data: Optional[InMemoryData], local_batch: int):
+        settings, rank, world = self.config.training, self.dist.rank, self.dist.world_size
+        if data is None:
+            return build_source(self.config.data, local_batch, settings.seed, rank, world)
+        return memory_source(data, self.config.data, local_batch, settings.seed, rank, world,
+                             num_classes=self.config.model.options.get("num_classes"))
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """What the gradient forward goes through: DDP for replicas, then torch.compile if asked."""
+        network = model
+        if self.dist.enabled and not self.sharded:
+            device = self.dist.device
+            network = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if self.config.training.compile:
+            network = torch.compile(network, backend=self.config.training.compile)
+        return network
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     # -- state ------------------------------------------------------------------------------
     def resume(self) -> Optional[Path]:
+        """Continue from the newest checkpoint of this run folder, if there is one."""
         path = latest_checkpoint(self.checkpoints)
-        if path is None:
-            return None
-        state = load_checkpoint(path)
-        current = self.model.state_dict()
-        check_compatible({k: v for k, v in current.items()}, state.model)
-        self.model.load_state_dict({k: shard_like(state.model[k], v) for k, v in current.items()})
-        self.ema.load_state_tensors(state.ema)
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        optimizer_state = {}
-        for key, value in state.optimizer.items():
-            index = int(key.split("/", 1)[0])
-            like = parameters[index]
-            optimizer_state[key] = shard_like(value, like) if value.shape == like.shape else value
-        load_optimizer(self.optimizer, optimizer_state, state.trainer["optimizer"])
-        self.schedule.load_state_dict(state.trainer["schedule"])
-        self.source.load_state_dict(state.trainer["data"])
-        ranks = state.trainer["rng"]
-        if len(ranks) != self.dist.world_size:
-            raise ValueError(f"the checkpoint was written by {len(ranks)} processes; resuming with "
-                             f"{self.dist.world_size} would not reproduce the run (use the same number)")
-        _restore_rng(ranks[self.dist.rank], self.generator)
-        self.step = state.step
-        self.skipped = int(state.trainer.get("skipped_steps", 0))
+        if path is not None:
+            restore_state(self.state, self.dist, path)
         return path
 
     def save(self) -> Optional[Path]:
-        """Write a checkpoint (rank 0) after gathering every rank's RNG state."""
-        rng = self.dist.gather_objects(_rng_state(self.generator))
-        # Full tensors on every rank's CPU (collectives under FSDP), written by rank 0 alone.
-        model_state = {k: gather_full(v) for k, v in self.model.state_dict().items()}
-        ema_state = {k: gather_full(v) for k, v in self.ema.state_tensors().items()}
-        optimizer_state, optimizer_data = optimizer_tensors(self.optimizer)
-        optimizer_state = {k: gather_full(v) for k, v in optimizer_state.items()}
-        path = None
-        if self.dist.is_main:
-            trainer = {
-                "config": self.config.to_dict(),
-                "model": {"architecture": self.config.model.architecture, "options": self.config.model.options},
-                "data_info": {"sample_shape": list(self.info.sample_shape), "num_classes": self.info.num_classes,
-                              "kind": self.info.kind},
-                "ema_names": list(self.ema.names),
-                "schedule": self.schedule.state_dict(),
-                "data": self.source.state_dict(),
-                "rng": rng,
-                "skipped_steps": self.skipped,
-                "world_size": self.dist.world_size,
-            }
-            settings = self.config.training
-            path = save_checkpoint(self.checkpoints, self.step, model_state, ema_state,
-                                   (optimizer_state, optimizer_data), trainer, keep_last=settings.keep_checkpoints,
-                                   milestone_every=settings.milestone_every)
-        self.dist.barrier()
-        return path
+        """Write a checkpoint of the current step (every rank takes part; rank 0 writes)."""
+        settings = self.config.training
+        description = {"config": self.config.to_dict(), "ema_names": list(self.state.ema.names),
+                       "model": {"architecture": self.config.model.architecture,
+                                 "options": self.config.model.options}}
+        return save_state(self.state, self.dist, self.checkpoints, description, {RUN_FILE: self.record.to_json()},
+                          settings.keep_checkpoints, settings.milestone_every)
 
     # -- one step ---------------------------------------------------------------------------
-    def train_step(self, autocast) -> Optional[dict[str, float]]:
-        """One optimizer step; None if it was skipped for a non-finite loss or gradient."""
-        x, labels = self.source.next_batch()
+    def train_step(self, stop: Optional[StopRequest] = None) -> StepOutcome:
+        """One optimizer step on the next batch (see :class:`TrainStep`); counts a skipped step."""
+        x, labels = self.state.source.next_batch()
         device = self.dist.device
-        x = x.to(device, non_blocking=True)
-        labels = None if labels is None else labels.to(device, non_blocking=True)
-        with autocast:
-            out = self.objective.loss(self.network, x, labels, generator=self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        clip = self.config.optim.grad_clip if self.config.optim.grad_clip is not None else math.inf
-        # The gradient norm is taken after DDP's all-reduce, so every rank sees the same value and
-        # makes the same skip decision.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        finite = bool(torch.isfinite(grad_norm)) and not self.dist.any(not bool(torch.isfinite(out.loss)))
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped += 1
-            self.consecutive_skips += 1
-            message = (f"non-finite loss or gradient at step {self.step + 1} (loss {float(out.loss.detach()):.4g}, "
-                       f"gradient norm {float(grad_norm):.4g})")
-            if self.config.training.on_nonfinite == "stop":
-                raise FloatingPointError(message + "; stopping (training.on_nonfinite='stop'). The last "
-                                         "checkpoint is intact; lower optim.lr or set optim.grad_clip")
-            if self.consecutive_skips >= self.config.training.max_consecutive_skips:
-                raise FloatingPointError(message + f"; {self.consecutive_skips} steps in a row were skipped, "
-                                         "stopping. The last checkpoint is intact; lower optim.lr or set "
-                                         "optim.grad_clip")
-            return None
-        self.consecutive_skips = 0
-        self.optimizer.step()
-        self.schedule.step()
-        self.step += 1
-        self.ema.update(self.model, self.step)
-        metrics = {key: float(value) for key, value in out.metrics.items()}
-        metrics["grad_norm"] = float(grad_norm)
-        return metrics
+        batch = Batch(x.to(device, non_blocking=True),
+                      None if labels is None else labels.to(device, non_blocking=True))
+        outcome = self.take_step(batch, self.state.step, self.state.step / self.config.training.steps,
+                                 self.state.generator, stop)
+        if outcome.taken:
+            self.state.step += 1
+        else:
+            self.state.skipped += 1
+        return outcome
 
     def parameters_in_sync(self) -> bool:
         """True if every rank holds the same weights (a cheap checksum all-reduce)."""
-        if not self.dist.enabled:
+        if not self.dist.enabled or self.sharded:  # sharded: each rank holds a different shard by design
             return True
-        if self.sharded:  # each rank holds a different shard by design
-            return True
-        checksum = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
+        checksum = torch.stack([p.detach().double().sum() for p in self.state.model.parameters()]).sum()
         gathered = self.dist.gather_objects(float(checksum))
         return all(value == gathered[0] for value in gathered)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, max_steps: Optional[int] = None) -> TrainResult:
+        """Train from the newest checkpoint (if any) to ``training.steps`` (or ``max_steps``)."""
         settings = self.config.training
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        resumed_from = self.resume()
+        self.checkpoint = self.resume()
+        self.saved = self.checkpoint is not None
         if self.dist.is_main:
             self.config.save(self.output_dir / "config.json")
         log = MetricsLog(self.output_dir, self.step, enabled=self.dist.is_main, tensorboard=settings.tensorboard)
         last = min(settings.steps, max_steps) if max_steps is not None else settings.steps
-        autocast = torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
         bar = Progress(total=last, initial=self.step, enabled=self.show_progress and self.dist.is_main)
-        window: dict[str, float] = {}
-        count, started, latest = 0, time.perf_counter(), {}
-        grids: list[Path] = []
-        checkpoint = resumed_from
-        saved = resumed_from is not None  # on every rank (only rank 0 gets a path back from save)
-        interrupted = False
+        window, grids, interrupted = MetricWindow(), [], False
         self.network.train()
         try:
-            with _StopRequest() as stop:
+            with StopRequest() as stop:
                 while self.step < last:
-                    metrics = self.train_step(autocast)
-                    if metrics is not None:
-                        for key, value in metrics.items():
-                            window[key] = window.get(key, 0.0) + value
-                        count += 1
-                        bar.update(loss=metrics["loss"], error=metrics["unweighted_error"])
-                    step = self.step
-                    if metrics is not None and (step % settings.log_every == 0 or step == last):
-                        elapsed = time.perf_counter() - started
-                        latest = self.dist.mean_of({key: value / count for key, value in window.items()})
-                        latest.update(step=step, lr=self.optimizer.param_groups[0]["lr"],
-                                      samples_per_second=count * settings.batch_size / max(elapsed, 1e-9),
-                                      skipped_steps=self.skipped, memory_mib=memory_mib(self.dist.device))
-                        log.write(latest)
-                        window, count, started = {}, 0, time.perf_counter()
-                    if metrics is not None and (step % settings.checkpoint_every == 0 or step == last):
-                        checkpoint, saved = self.save(), True
-                    if metrics is not None and settings.sample_every and step % settings.sample_every == 0 \
-                            and step != last:
-                        grids += self._grids(log)
-                    if self.dist.any(stop.requested):
+                    outcome = self.train_step(stop)
+                    if outcome.taken:
+                        window.add(outcome.metrics)
+                        bar.update()
+                        grids += self._periodic(window, log, bar, last)
+                    if outcome.stop_requested:
                         interrupted = True
-                        checkpoint, saved = self.save(), True
+                        self._checkpoint_now()
                         break
-            bar.close()
-            if not saved:  # nothing left to train and no checkpoint yet
-                checkpoint = self.save()
+            if not self.saved:  # nothing left to train and no checkpoint yet
+                self._checkpoint_now()
             if not self.parameters_in_sync():
                 raise RuntimeError("ranks hold different weights: gradient synchronisation failed")
             if not interrupted:
@@ -330,36 +228,66 @@ class Trainer:
         finally:
             log.close()
             bar.close()
-        return TrainResult(self.output_dir, checkpoint, grids, self.step, latest, self.skipped, interrupted,
-                           is_main=self.dist.is_main)
+        return TrainResult(self.output_dir, self.checkpoint, grids, self.step, self.latest, self.state.skipped,
+                           interrupted, is_main=self.dist.is_main)
+
+    def _periodic(self, window: MetricWindow, log: MetricsLog, bar: Progress, last: int) -> list[Path]:
+        """After a step that was taken: log at ``log_every``, checkpoint at ``checkpoint_every``,
+        grids at ``sample_every`` (and log and checkpoint at the last step). Returns the grids."""
+        settings, step = self.config.training, self.step
+        if step % settings.log_every == 0 or step == last:
+            reading = window.read(self.dist)  # the window's one host read
+            self.latest = dict(reading.means, step=step, lr=self.state.optimizer.param_groups[0]["lr"],
+                               samples_per_second=reading.steps * settings.batch_size / max(reading.seconds, 1e-9),
+                               skipped_steps=self.state.skipped, memory_mib=memory_mib(self.dist.device))
+            log.write(self.latest)
+            bar.show(**{key: self.latest[key] for key in ("loss", "unweighted_error") if key in self.latest})
+        if step % settings.checkpoint_every == 0 or step == last:
+            self._checkpoint_now()
+        if settings.sample_every and step % settings.sample_every == 0 and step != last:
+            return self._grids(log)
+        return []
+
+    def _checkpoint_now(self) -> None:
+        self.checkpoint, self.saved = self.save(), True
 
     def _grids(self, log: MetricsLog) -> list[Path]:
-        """Sample grids from the first EMA copy; every rank takes part in gathering the weights
-        (sharded under FSDP), rank 0 samples from a plain copy of the model."""
-        weights = {k: gather_full(v) for k, v in self.ema.shadows[self.ema.names[0]].items()}
-        if not self.dist.is_main:
+        """Sample grids from the first EMA copy: every rank takes part in gathering the weights
+        (sharded under FSDP), rank 0 alone keeps them and samples from a plain copy of the model."""
+        if not draws_grids(self.info.encoder):
+            return []
+        ema = self.state.ema
+        weights = gather_state(ema.shadows[ema.names[0]], keep=self.dist.is_main)
+        if weights is None:
             return []
         model = build_model(self.config.model.architecture, self.config.model.options)
         model.load_state_dict(weights, strict=False)
         model = model.to(self.dist.device).eval()
-        paths = write_sample_grids(model, self.config, self.info, self.output_dir / "samples", self.step,
-                                   self.dist.device)
+        settings = self.config.training
+        paths = write_sample_grids(model, self.objective.sampler, self.info.encoder, self.info.num_classes,
+                                   settings.grid_steps, settings.grid_samples, settings.seed,
+                                   self.output_dir / "samples", self.step, self.dist.device)
         log.images(paths, self.step)
         return paths
 
 
-def lr_factor(step: int, warmup: int, total: int, decay: str) -> float:
-    """The multiplier of the base lr at optimizer step ``step`` (0-based): linear warm-up over
-    ``warmup`` steps, then 1 ('constant') or a half cosine from 1 to 0 at ``total`` ('cosine')."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
 
 
-def train(config: Config, output_dir: str | Path, progress: bool = True, max_steps: Optional[int] = None) -> TrainResult:
+def describe_in_memory(config: Config, data: InMemoryData) -> Config:
+    """``config`` with its data section saying 'samples passed in memory': ``data.name='memory'``,
+    class-conditional exactly when the data carry labels, nothing to read from disk. The
+    augmentation setting (``horizontal_flip``) is kept."""
+    section = DataConfig(name="memory", class_conditional=data.labels is not None,
+                         horizontal_flip=config.data.horizontal_flip, vae=config.data.vae)
+    return dataclasses.replace(config, data=section)
+
+
+def train(config: Config, output_dir: str | Path, progress: bool = True, max_steps: Optional[int] = None,
+          data: Any = None, labels: Any = None) -> TrainResult:
     """Train (or resume) the run described by ``config`` in ``output_dir``.
 
     If ``output_dir/checkpoints`` holds a checkpoint, training continues from it: weights, EMA,
@@ -367,8 +295,21 @@ def train(config: Config, output_dir: str | Path, progress: bool = True, max_ste
     result is bit-identical to an uninterrupted run on the same machine. ``max_steps`` stops
     after that many steps in total (``config.training.steps`` stays the schedule's length).
     Under torchrun every process calls this; rank 0 writes the files.
+
+    ``data`` trains on your own samples instead of ``config.data``: a torch Tensor or numpy
+    array (N, *sample_shape) of floats, with optional ``labels`` (N,) integers, or a torch
+    ``Dataset`` whose items are ``x`` or ``(x, label)``. Any sample shape the model takes works
+    ((N, D) points for the MLP, (N, C, H, W) for the DiT / U-Net); labels make the run
+    class-conditional. The run's config then records ``data.name='memory'``; to resume, call
+    ``train`` again with the same data (other data are refused). See :mod:`meanflow.data.memory`.
     """
-    trainer = Trainer(config, Path(output_dir), progress)
+    samples = None
+    if data is not None:
+        samples = as_in_memory_data(data, labels)
+        config = describe_in_memory(config, samples)
+    elif labels is not None:
+        raise ValueError("labels= are the labels of data=; pass the samples as data= too")
+    trainer = Trainer(config, Path(output_dir), progress, data=samples)
     try:
         result = trainer.run(max_steps)
     except BaseException:
@@ -383,4 +324,4 @@ def train(config: Config, output_dir: str | Path, progress: bool = True, max_ste
     return result
 
 
-__all__ = ["TrainResult", "Trainer", "train", "check_model_matches_data"]
+__all__ = ["TrainResult", "Trainer", "check_model_matches_data", "describe_in_memory", "draws_grids", "train"]

@@ -1,0 +1,160 @@
+"""What the network's space is, as objects: pixels, VAE latents, or points.
+
+A network generates samples in *its* space: images in [-1, 1], latents of a VAE, or 2-D points.
+An :class:`Encoder` knows that space: the shape of one sample, how to decode samples to
+something to look at and to score (images in [-1, 1], or the points themselves), how to turn
+them into uint8 pixels by the project's one rounding rule (:func:`meanflow.pixels.to_uint8`),
+and how to draw them (an image grid, or a scatter plot). Code that handles samples asks the
+run's encoder instead of branching on the kind of data.
+
+Encoders are data: ``to_dict`` / :func:`encoder_from_dict` round-trip through the run record.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from .pixels import to_uint8
+from .validation import check_known_keys
+
+MIN_GRID_PIXELS = 512  # small images are upscaled (nearest) so a grid is at least this wide
+
+
+class Encoder:
+    """Base of the encoders (see the module docstring)."""
+
+    name: ClassVar[str]
+    is_image: ClassVar[bool]
+    sample_shape: tuple
+
+    def decode(self, samples: Tensor) -> Tensor:
+        """Samples (B, *sample_shape) -> what they show: images (B, C, H, W) in [-1, 1], or points."""
+        return samples
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of a decoded image; an error for data that are not images."""
+        raise ValueError(f"{self.name} samples are not images: they have no pixels to score or save as images")
+
+    def quantize(self, samples: Tensor) -> Tensor:
+        """Samples -> decoded images as uint8 (B, C, H, W), by the one rounding rule."""
+        self.image_shape()  # refuses non-image data with a clear message
+        return to_uint8(self.decode(samples))
+
+    def write_grid(self, samples: Tensor, path: Path, *, nrow: Optional[int] = None,
+                   title: Optional[str] = None) -> Path:
+        """Draw samples (B, *sample_shape) into a PNG file; returns its path."""
+        from .eval.grids import save_image_grid
+
+        images = self.decode(samples).float().cpu()
+        return save_image_grid(upscale_for_grid(images, nrow), path, nrow=nrow)
+
+    def grid_samples(self, requested: int) -> int:
+        """How many samples a grid of ``requested`` should draw (a scatter plot needs more)."""
+        return requested
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sample_shape": list(self.sample_shape)}
+
+
+@dataclass(frozen=True)
+class PixelEncoder(Encoder):
+    """Images in pixel space: samples are (C, H, W) in [-1, 1] already."""
+
+    sample_shape: tuple
+    name: ClassVar[str] = "pixels"
+    is_image: ClassVar[bool] = True
+
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.sample_shape)
+
+
+@dataclass(frozen=True)
+class LatentEncoder(Encoder):
+    """Latents of a diffusers AutoencoderKL (``vae``: a hub name or local folder), decoded to
+    images ``downsampling`` times larger. The VAE is loaded once per process and device
+    (:func:`meanflow.data.vae.load_vae` caches it)."""
+
+    sample_shape: tuple
+    vae: str
+    downsampling: int = 8
+    image_channels: int = 3
+    decode_batch_size: int = 32
+    name: ClassVar[str] = "latents"
+    is_image: ClassVar[bool] = True
+
+    def decode(self, samples: Tensor) -> Tensor:
+        from .data.vae import decode_latents, load_vae
+
+        vae = load_vae(self.vae, device=samples.device)
+        return decode_latents(vae, samples, batch_size=self.decode_batch_size)  # (B, 3, H, W) in [-1, 1]
+
+    def image_shape(self) -> tuple[int, int, int]:
+        _, height, width = self.sample_shape
+        return self.image_channels, height * self.downsampling, width * self.downsampling
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "vae": self.vae, "downsampling": self.downsampling,
+                "image_channels": self.image_channels}
+
+
+@dataclass(frozen=True)
+class PointEncoder(Encoder):
+    """Low-dimensional points (the 2-D toys): decoding is the identity, a grid is a scatter plot
+    (over the named toy distribution's own samples when ``reference`` names one)."""
+
+    sample_shape: tuple
+    reference: Optional[str] = None
+    name: ClassVar[str] = "points"
+    is_image: ClassVar[bool] = False
+
+    def grid_samples(self, requested: int) -> int:
+        return max(requested, 2000)
+
+    def write_grid(self, samples, path, *, nrow=None, title=None) -> Path:
+        from .eval.grids import save_scatter
+
+        reference = None
+        if self.reference is not None:
+            from .data.toy import sample_toy
+
+            reference = sample_toy(self.reference, max(len(samples), 2000), torch.Generator().manual_seed(1))
+        return save_scatter(samples.float().cpu(), path, reference=reference, title=title)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "reference": self.reference}
+
+
+ENCODERS: dict[str, type[Encoder]] = {
+    PixelEncoder.name: PixelEncoder,
+    LatentEncoder.name: LatentEncoder,
+    PointEncoder.name: PointEncoder,
+}
+
+
+def encoder_from_dict(data: Any) -> Encoder:
+    """The encoder a run record stores (``{"name": ..., "sample_shape": [...], ...}``)."""
+    if not isinstance(data, dict) or data.get("name") not in ENCODERS:
+        raise ValueError(f"unknown encoder {data!r}; valid encoder names are {sorted(ENCODERS)}")
+    kind = ENCODERS[data["name"]]
+    values = {key: value for key, value in data.items() if key != "name"}
+    check_known_keys(f"fields of encoder {data['name']!r}", values, kind.__dataclass_fields__)
+    values["sample_shape"] = tuple(int(size) for size in values.get("sample_shape", ()))
+    return kind(**values)
+
+
+def upscale_for_grid(images: Tensor, nrow: Optional[int] = None, min_pixels: int = MIN_GRID_PIXELS) -> Tensor:
+    """Images (N, C, H, W) enlarged by an integer factor (nearest neighbour, so every pixel stays
+    a crisp square) so that a grid of ``nrow`` per row (default ``ceil(sqrt(N))``) is at least
+    ``min_pixels`` wide."""
+    count, _, _, width = images.shape
+    columns = min(count, nrow) if nrow else max(1, math.ceil(math.sqrt(count)))
+    factor = max(1, math.ceil(min_pixels / (columns * width)))
+    if factor == 1:
+        return images
+    return images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)

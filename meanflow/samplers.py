@@ -1,0 +1,111 @@
+"""How a trained network is sampled, as an object an objective declares and a run record stores.
+
+An objective knows how its network is meant to be sampled: MeanFlow's network is an average
+velocity, stepped with Eq. 3 (one step = 1 NFE); flow matching's is an instantaneous velocity,
+integrated as an ODE. A :class:`Sampler` wraps the pure functions of :mod:`meanflow.sampling`
+with that choice, counts the true number of network evaluations (NFE), and round-trips through
+JSON (``to_dict`` / :func:`sampler_from_dict`) so ``meanflow sample`` and ``meanflow eval`` use
+the run's own sampler without being told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from torch import Tensor, nn
+
+from .conditions import ConditionsLike
+from .sampling import OdeMethod, sample, sample_ode
+from .validation import check_known_keys, parse_enum
+
+
+class Sampler:
+    """Base of the samplers: ``sampler(model, noise, conditions, num_steps=...)`` -> samples."""
+
+    name: ClassVar[str]
+    default_steps: ClassVar[int]
+
+    def __call__(self, model: nn.Module, noise: Tensor, conditions: ConditionsLike = None, *, num_steps: int,
+                 intermediate: Optional[float] = None, guidance_scale: float = 1.0,
+                 null_label: Optional[int] = None) -> Tensor:
+        raise NotImplementedError
+
+    def nfe(self, num_steps: int, guidance_scale: float = 1.0) -> int:
+        """Network evaluations per sample for ``num_steps`` steps (CFG at inference doubles them)."""
+        return self.evaluations(num_steps) * (2 if guidance_scale != 1.0 else 1)
+
+    def evaluations(self, num_steps: int) -> int:
+        return num_steps
+
+    def describe(self, num_steps: int, intermediate: Optional[float] = None) -> str:
+        """A short name for file names and tables, e.g. ``steps2_t0.3`` or ``heun8``."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+@dataclass(frozen=True)
+class AverageVelocitySampler(Sampler):
+    """``z_r = z_t - (t - r) u(z_t, r, t)`` on a decreasing grid (Eq. 3): 1 NFE per step."""
+
+    name: ClassVar[str] = "average_velocity"
+    default_steps: ClassVar[int] = 1
+
+    def __call__(self, model, noise, conditions=None, *, num_steps, intermediate=None, guidance_scale=1.0,
+                 null_label=None):
+        return sample(model, noise, conditions, num_steps=num_steps, intermediate=intermediate,
+                      guidance_scale=guidance_scale, null_label=null_label)
+
+    def describe(self, num_steps: int, intermediate: Optional[float] = None) -> str:
+        return f"steps{num_steps}" + (f"_t{intermediate:g}" if intermediate is not None and num_steps == 2 else "")
+
+
+@dataclass(frozen=True)
+class VelocityOdeSampler(Sampler):
+    """Integrates the instantaneous velocity ``u(z, t, t)`` (Euler: 1 NFE a step; Heun: 2, one on the last)."""
+
+    method: OdeMethod = OdeMethod.EULER
+    name: ClassVar[str] = "velocity_ode"
+    default_steps: ClassVar[int] = 50
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", parse_enum(OdeMethod, self.method, "sampler method"))
+
+    def __call__(self, model, noise, conditions=None, *, num_steps, intermediate=None, guidance_scale=1.0,
+                 null_label=None):
+        if intermediate is not None:
+            raise ValueError("an intermediate time applies to the average-velocity sampler only, not to an ODE")
+        return sample_ode(model, noise, conditions, num_steps=num_steps, method=self.method,
+                          guidance_scale=guidance_scale, null_label=null_label)
+
+    def evaluations(self, num_steps: int) -> int:
+        return 2 * num_steps - 1 if self.method is OdeMethod.HEUN else num_steps
+
+    def describe(self, num_steps: int, intermediate: Optional[float] = None) -> str:
+        return f"{self.method.value}{num_steps}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method.value}
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    AverageVelocitySampler.name: AverageVelocitySampler,
+    VelocityOdeSampler.name: VelocityOdeSampler,
+}
+
+
+def sampler_from_dict(data: dict[str, Any]) -> Sampler:
+    """The sampler a run record stores (``{"name": ..., **settings}``)."""
+    if not isinstance(data, dict) or data.get("name") not in SAMPLERS:
+        raise ValueError(f"unknown sampler {data!r}; valid sampler names are {sorted(SAMPLERS)}")
+    kind = SAMPLERS[data["name"]]
+    settings = {key: value for key, value in data.items() if key != "name"}
+    check_known_keys(f"settings of sampler {data['name']!r}", settings, getattr(kind, "__dataclass_fields__", {}))
+    return kind(**settings)
+
+
+def ode_sampler(method: Optional[str]) -> Optional[Sampler]:
+    """The velocity-ODE sampler for an ``--ode euler|heun`` choice, or None when not given."""
+    return None if method is None else VelocityOdeSampler(method)
