@@ -23,6 +23,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .wrappers import unwrap
+
 LABELS = "labels"
 GUIDANCE_SCALE = "guidance_scale"
 GUIDANCE_INTERVAL = "guidance_interval"
@@ -93,8 +95,6 @@ def check_accepted(conditions: Conditions, accepted: frozenset[str], model_name:
 
 def accepted_conditions(model) -> frozenset[str]:
     """What a network (or the module under its DDP / compile wrappers) declares it accepts."""
-    from .jvp import unwrap
-
     return frozenset(getattr(unwrap(model), "accepted_conditions", frozenset()))
 
 
@@ -139,6 +139,4 @@ def supports_explicit_tangent(model) -> bool:
     returns a :class:`ModelOutput` whose ``du`` is the exact directional derivative of ``u``,
     computed together with the primal (no ``torch.func`` involved). The call goes through the
     module's ``__call__``, so DDP / FSDP2 / compile wrappers see it."""
-    from .jvp import unwrap
-
     return bool(getattr(unwrap(model), "explicit_tangent", False))

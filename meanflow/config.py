@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .validation import check_bool, check_known_keys
+from .validation import check_bool, check_choice, check_known_keys, check_positive
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -24,14 +23,11 @@ def _fail(section: str, name: str, message: str) -> None:
 
 
 def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        _fail(section, name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    check_positive(f"{section}.{name}", value, allow_zero)
 
 
 def _choice(section: str, name: str, value, valid) -> None:
-    if value not in valid:
-        _fail(section, name, f"must be one of {list(valid)}, got {value!r}")
+    check_choice(f"{section}.{name}", value, valid)
 
 
 @dataclass
@@ -41,7 +37,10 @@ class DataConfig:
     name: 'digits' (scikit-learn's 8x8 digits, the embedded default), 'toy' (2-D
         distributions, see ``toy``), 'mnist', 'fashion-mnist', 'cifar10' (torchvision download,
         or a local .npz / torchvision folder given as ``path``), 'folder' (an ImageFolder tree at
-        ``path``, ADM centre crop to ``resolution``, default 256).
+        ``path``, ADM centre crop to ``resolution``, default 256), 'latents' (a cache written by
+        ``meanflow encode`` at ``path``), 'npz' (your own ``.npz`` at ``path``: ``x`` (N, ...)
+        float samples or uint8 (N, C, H, W) images, optional ``labels`` (N,)), 'memory' (what
+        ``meanflow.train.train(config, folder, data=...)`` sets for a tensor, array or Dataset).
     toy: the 2-D distribution when name = 'toy'.
     resolution: resize images to this size (None keeps the native size).
     horizontal_flip: random left-right flips as augmentation.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,6 +47,10 @@ class Encoder:
         self.image_shape()  # refuses non-image data with a clear message
         return to_uint8(self.decode(samples))
 
+    def file_rows(self, samples: Tensor) -> np.ndarray:
+        """Samples as rows of the sample file (:mod:`meanflow.sample_files`): uint8 (B, H, W, C)."""
+        return self.quantize(samples).permute(0, 2, 3, 1).cpu().numpy()
+
     def write_grid(self, samples: Tensor, path: Path, *, nrow: Optional[int] = None,
                    title: Optional[str] = None) -> Path:
         """Draw samples (B, *sample_shape) into a PNG file; returns its path."""
@@ -53,6 +58,11 @@ class Encoder:
 
         images = self.decode(samples).float().cpu()
         return save_image_grid(upscale_for_grid(images, nrow), path, nrow=nrow)
+
+    @property
+    def can_draw(self) -> bool:
+        """Whether :meth:`write_grid` can picture these samples (1- or 3-channel images, 2-D points)."""
+        return True
 
     def grid_samples(self, requested: int) -> int:
         """How many samples a grid of ``requested`` should draw (a scatter plot needs more)."""
@@ -72,6 +82,10 @@ class PixelEncoder(Encoder):
 
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.sample_shape)
+
+    @property
+    def can_draw(self) -> bool:
+        return len(self.sample_shape) == 3 and self.sample_shape[0] in (1, 3)
 
 
 @dataclass(frozen=True)
@@ -105,16 +119,25 @@ class LatentEncoder(Encoder):
 
 @dataclass(frozen=True)
 class PointEncoder(Encoder):
-    """Low-dimensional points (the 2-D toys): decoding is the identity, a grid is a scatter plot
-    (over the named toy distribution's own samples when ``reference`` names one)."""
+    """Flat samples (D,) (the 2-D toys, or a user's vectors): decoding is the identity; for 2-D
+    points a grid is a scatter plot (over the named toy distribution's own samples when
+    ``reference`` names one)."""
 
     sample_shape: tuple
     reference: Optional[str] = None
     name: ClassVar[str] = "points"
     is_image: ClassVar[bool] = False
 
+    @property
+    def can_draw(self) -> bool:
+        return tuple(self.sample_shape) == (2,)  # a scatter plot shows the plane
+
     def grid_samples(self, requested: int) -> int:
         return max(requested, 2000)
+
+    def file_rows(self, samples: Tensor) -> np.ndarray:
+        """Points have no pixels: the file holds them as float32 (B, D)."""
+        return samples.detach().float().cpu().numpy()
 
     def write_grid(self, samples, path, *, nrow=None, title=None) -> Path:
         from .eval.grids import save_scatter

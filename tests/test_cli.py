@@ -24,7 +24,7 @@ def test_dry_run_prints_the_resolved_configuration():
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--preset", "imagenet"], "unknown preset 'imagenet'; valid presets are"),
-    (["train", "--preset", "digits", "--set", "optim.lr=-1", "--dry-run"], "optim.lr must be > 0"),
+    (["train", "--preset", "digits", "--set", "optim.lr=-1", "--dry-run"], "optim.lr must be a finite number > 0; got -1"),
     (["train", "--preset", "digits", "--set", "objective.meanflow.fraction_r_neq_t=2", "--dry-run"], "fraction_r_neq_t must be a finite number in [0, 1]"),
     (["train", "--preset", "digits", "--set", "objective.meanflow.t_min=0.9", "--set", "objective.meanflow.t_max=0.1", "--dry-run"],
      "t_min <= t_max"),

@@ -10,10 +10,19 @@ pytest.importorskip("scipy")
 pytest.importorskip("safetensors")
 pytest.importorskip("sklearn")
 
-from meanflow.eval.classifier import DomainFeatureExtractor, save_classifier, train_domain_classifier  # noqa: E402
+from meanflow.eval.classifier import (  # noqa: E402
+    DomainFeatureExtractor,
+    save_classifier,
+    train_domain_classifier,
+)
 from meanflow.eval.evaluate import EvalSettings, evaluate_checkpoint  # noqa: E402
 from meanflow.eval.frechet import FeatureStatistics, save_statistics  # noqa: E402
-from meanflow.eval.protocol import SamplePlan, SamplerSetting, sample_labels, stream_sample_statistics  # noqa: E402
+from meanflow.eval.protocol import (  # noqa: E402
+    SamplePlan,
+    SamplerSetting,
+    sample_labels,
+    stream_sample_statistics,
+)
 from meanflow.eval.references import (  # noqa: E402
     ReferenceSpec,
     load_reference_images,
@@ -21,8 +30,8 @@ from meanflow.eval.references import (  # noqa: E402
     reference_features,
 )
 from meanflow.eval.reports import DOMAIN_NOTE  # noqa: E402
-from meanflow.noise import sample_noise  # noqa: E402
 from meanflow.inference import load_model  # noqa: E402
+from meanflow.noise import sample_noise  # noqa: E402
 from meanflow.presets import preset  # noqa: E402
 from meanflow.train import train  # noqa: E402
 
@@ -282,3 +291,30 @@ def test_precision_recall_needs_reference_images(run, classifier, tmp_path):
     save_statistics(tmp_path / "stats_only.npz", np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="needs reference images"):
         reference_features(tmp_path / "stats_only.npz", extractor, 20)
+
+
+def test_settings_are_keyword_only_and_validated_at_construction(classifier):
+    with pytest.raises(TypeError):
+        EvalSettings(50)  # keyword-only: a positional 25th argument can never land in the wrong field
+    for bad, message in [(dict(num_samples=1), "num_samples must be an integer >= 2"),
+                         (dict(num_samples=True), "num_samples must be an integer >= 2"),
+                         (dict(steps=(1, 0)), "steps must hold positive step counts"),
+                         (dict(steps=()), "steps must hold positive step counts"),
+                         (dict(batch_size=0), "batch_size must be an integer >= 1"),
+                         (dict(seed=-1), "seed must be an integer >= 0"),
+                         (dict(intermediate=1.0), "intermediate must be a finite number in \\(0, 1\\)"),
+                         (dict(ode="rk4"), "ode must be one of 'euler', 'heun'"),
+                         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+                         (dict(precision_recall_samples=60), "k < M <= num_samples"),
+                         (dict(metric="domain", classifier_path=None), "needs a trained classifier")]:
+        with pytest.raises(ValueError, match=message):
+            EvalSettings(**{"num_samples": 50, "metric": "domain", "classifier_path": classifier, **bad})
+    settings = EvalSettings(num_samples=50, metric="domain", classifier_path=classifier, steps=[2, 1], ode="heun")
+    assert settings.steps == (2, 1) and settings.ode.value == "heun" and settings.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="num_samples must be"):
+        settings.replace(num_samples=0)  # a changed copy is validated again
+
+
+def test_a_vae_cannot_decode_pixels(run, classifier, tmp_path):
+    with pytest.raises(ValueError, match="decodes latents, but this run's samples are pixels"):
+        evaluate(run, classifier, tmp_path, vae="stabilityai/sd-vae-ft-mse")

@@ -63,8 +63,7 @@ class EndpointObjective(NoiseTimeObjective):
                                                                              dtype=like.dtype)
         return torch.zeros_like(t), t
 
-    def prediction_and_target(self, model, x, noise, r, t, labels=None):
-        labels = self.check_inputs(x, noise, r, t, labels)
+    def compute(self, model, x, noise, r, t, labels=None):
         z = interpolate(x, noise, t)
         return model(z, r, t, labels), (noise - x).detach()  # u(z_t, 0, t) = e - x on the linear path
 

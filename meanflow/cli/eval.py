@@ -6,7 +6,10 @@
     meanflow eval --checkpoint runs/digits --metric domain --classifier classifiers/digits \\
         --sweep --intermediate 0.3 0.5 0.7 --plot sweep.png
 
-Under ``torchrun`` every process generates its share of the samples and the statistics are
+The run's own sampler is used (average-velocity steps for MeanFlow, the Euler ODE for flow
+matching; ``--ode`` overrides it) and its encoder decodes the samples (latents by the run's VAE).
+A run of 2-D points is scored by distances to exact samples of its toy distribution instead of
+FID. Under ``torchrun`` every process generates its share of the samples and the statistics are
 summed; only rank 0 prints and writes files.
 """
 
@@ -28,7 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="FID / IS / class accuracy of a checkpoint's samples",
         description="Score a checkpoint by the standard protocol: FID of --num-samples generated images against "
                     "reference statistics, for each --steps. The 'domain' metric uses a classifier trained by this "
-                    "project; its FID is NOT comparable with Inception FID.")
+                    "project; its FID is NOT comparable with Inception FID. Runs of 2-D points are scored by "
+                    "energy distance, sliced Wasserstein and precision / recall against their toy distribution.")
     parser.add_argument("--checkpoint", required=True, help="a run folder or a checkpoints/step_<n> folder")
     parser.add_argument("--num-samples", type=positive_int, default=50000,
                         help="samples in total (default 50000: FID-50K)")
@@ -39,7 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--metric", choices=["inception", "domain"], default="inception")
     parser.add_argument("--reference", help="statistics .npz (ours or ADM's) or a data set: digits, "
                                             "mnist, fashion-mnist or cifar10, with :train or :test "
-                                            "(default: the checkpoint's data set, training split)")
+                                            "(default: the checkpoint's data set, training split); for a run "
+                                            "of 2-D points a toy distribution (default: the run's own)")
     parser.add_argument("--classifier", help="domain classifier folder (metric domain)")
     parser.add_argument("--train-classifier", action="store_true",
                         help="train the domain classifier on the reference data set's training split and save it "
@@ -54,7 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="labels of conditional samples: every class equally often, or uniform draws")
     parser.add_argument("--intermediate", type=float, nargs="+",
                         help="middle time(s) of 2-step sampling (several only with --sweep)")
-    parser.add_argument("--ode", choices=["euler", "heun"], help="integrate u(z, t, t) instead (flow-matching models)")
+    parser.add_argument("--ode", choices=["euler", "heun"],
+                        help="integrate u(z, t, t) with this method instead of the run's own sampler (a flow-matching "
+                             "run's own is already Euler); the NFE is counted by the sampler (Heun: 2k - 1)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="inference-time CFG (doubles the NFE)")
     parser.add_argument("--precision-recall", type=positive_int, metavar="M",
                         help="also report improved precision / recall (k=3) between the first M samples and M "
@@ -193,7 +200,12 @@ def _train_classifier_if_missing(args: argparse.Namespace, rank: int, world_size
     """Train and save the domain classifier on the reference data set (rank 0; others wait)."""
     import torch
 
-    from ..eval.classifier import CONFIG_FILE, classifier_accuracy, save_classifier, train_domain_classifier
+    from ..eval.classifier import (
+        CONFIG_FILE,
+        classifier_accuracy,
+        save_classifier,
+        train_domain_classifier,
+    )
     from ..eval.references import ReferenceSpec, load_reference_images, parse_reference
 
     if args.classifier is None:

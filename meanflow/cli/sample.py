@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import math
 
     from ..inference import generate, load_model
-    from ..sample_files import image_rows, write_sample_file
+    from ..sample_files import write_sample_file
     from ..samplers import ode_sampler
 
     if not math.isfinite(args.guidance_scale):
@@ -61,16 +61,12 @@ def run(args: argparse.Namespace) -> int:
                        sampler=sampler, progress=not args.no_progress)
     encoder = loaded.encoder
     output = Path(args.output) if args.output else _default_output(args, loaded, sampler, steps)
-    if encoder.is_image:
-        pixels = encoder.quantize(samples.to(args.device)).cpu()
-        write_sample_file(output, image_rows(pixels), None if labels is None else labels.numpy())
-    else:
-        write_sample_file(output, samples.numpy(), None if labels is None else labels.numpy())
+    write_sample_file(output, encoder.file_rows(samples.to(args.device)), None if labels is None else labels.numpy())
     nfe = sampler.nfe(steps, args.guidance_scale)
     print(f"{args.num_samples} samples ({sampler.name} sampler, {steps} steps = {nfe} NFE, weights {loaded.weights}, "
           f"step {loaded.step}): {output}")
     grid = Path(args.grid) if args.grid else output.with_suffix(".png")
-    shown = samples[: min(len(samples), 400)] if encoder.is_image else samples
+    shown = samples[: encoder.grid_samples(400)]  # an image grid shows 400, a scatter plot up to 2000 points
     rows = loaded.num_classes if labels is not None and args.label is None and len(shown) % loaded.num_classes == 0 \
         else None
     encoder.write_grid(shown.to(args.device), grid, nrow=rows, title=f"{nfe}-NFE samples")

@@ -19,7 +19,6 @@ position, so resuming a run with other data is refused instead of silently mixin
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..encoders import Encoder, PixelEncoder, PointEncoder
+from ..fingerprints import state_fingerprint
 from . import DataInfo
 from .common import PathLike
 from .sources import TensorBatches
@@ -46,12 +46,9 @@ class InMemoryData:
         return tuple(self.x.shape[1:])
 
     def fingerprint(self) -> str:
-        """SHA-256 over the shapes and bytes of the samples and labels (no copy of the data)."""
-        digest = hashlib.sha256(repr((tuple(self.x.shape), None if self.labels is None else len(self.labels))).encode())
-        digest.update(memoryview(self.x.numpy()).cast("B"))
-        if self.labels is not None:
-            digest.update(memoryview(self.labels.numpy()).cast("B"))
-        return digest.hexdigest()
+        """SHA-256 over the shape, dtypes and bytes of the samples and labels."""
+        tensors = {"x": self.x} if self.labels is None else {"x": self.x, "labels": self.labels}
+        return state_fingerprint(tensors, prefix=repr(tuple(self.x.shape)).encode())
 
 
 def as_in_memory_data(data: Any, labels: Any = None) -> InMemoryData:

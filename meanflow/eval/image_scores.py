@@ -22,7 +22,14 @@ from ..progress import Progress
 from ..samplers import Sampler
 from .features import FeatureExtractor, Metric
 from .frechet import frechet_distance
-from .protocol import SamplePlan, SamplerSetting, SampleStatistics, gather_rows, settings_for_steps, stream_sample_statistics
+from .protocol import (
+    SamplePlan,
+    SamplerSetting,
+    SampleStatistics,
+    gather_rows,
+    settings_for_steps,
+    stream_sample_statistics,
+)
 from .references import Reference, resolve_reference
 from .reports import DOMAIN_NOTE, ScoredRun, setting_entry
 from .sample_writer import StreamedSampleFile, sample_file_for, write_image_grid
@@ -94,7 +101,7 @@ def _scores(gathered: SampleStatistics, reference: Reference, settings: "EvalSet
         if counts[1] > 0:  # 0 when the classifier's classes are not the model's
             scores["accuracy"] = float(counts[0] / counts[1])
     if settings.precision_recall_samples is not None:
-        fake_features = gather_rows(gathered.kept_features, gathered.features.dim, settings.world_size)
+        fake_features = gather_rows(gathered.kept_features, (gathered.features.dim,), settings.world_size)
         if reference.real_features is not None:  # rank 0
             from .distances import precision_recall
 

@@ -23,9 +23,15 @@ from ..encoders import Encoder
 from ..progress import Progress
 from ..samplers import Sampler
 from ..validation import parse_enum
-from .protocol import SamplePlan, SamplerSetting, gather_rows, generate_shard, settings_for_steps
+from .protocol import (
+    SamplePlan,
+    SamplerSetting,
+    gather_rows,
+    generate_shard,
+    settings_for_steps,
+)
 from .reports import POINTS_METRIC, POINTS_NOTE, ScoredRun, setting_entry
-from .sample_writer import sample_file_for
+from .sample_writer import GRID_COUNT, sample_file_for
 
 if TYPE_CHECKING:
     from ..inference import LoadedModel
@@ -75,18 +81,17 @@ def _score_setting(model, setting: SamplerSetting, plan: SamplePlan, encoder: En
     started = time.perf_counter()
     parts = []
     for batch in generate_shard(model, setting, plan):
-        parts.append(batch.samples.float().cpu().reshape(len(batch.indices), -1))  # (B, D)
+        parts.append(batch.samples.float().cpu())  # (B, *sample_shape)
         bar.update()
     entry = setting_entry(setting, settings.guidance_scale)
-    local = torch.cat(parts) if parts else torch.zeros(0, real.shape[1])
     if settings.save_samples is not None:
-        entry.update(_save(local, setting, plan, settings))
-    generated = gather_rows([local], real.shape[1], settings.world_size)  # (N, D) in index order
+        entry.update(_save(parts, setting, plan, encoder, settings))
+    generated = gather_rows(parts, plan.sample_shape, settings.world_size)  # (N, *sample_shape) in index order
     if settings.rank == 0:
         entry.update(point_distances(generated, real, settings.precision_recall_k, settings.seed))
-        if "samples_file" in entry:  # rank 0 saved its shard: the grid of all points goes beside it
-            grid = Path(entry["samples_file"]).with_suffix(".png")
-            entry["samples_grid"] = str(encoder.write_grid(generated.reshape(-1, *plan.sample_shape), grid,
+        if "samples_file" in entry:  # rank 0 saved its shard: the plot of the points goes beside it
+            shown = generated[:encoder.grid_samples(GRID_COUNT)]
+            entry["samples_grid"] = str(encoder.write_grid(shown, Path(entry["samples_file"]).with_suffix(".png"),
                                                            title=f"{entry['nfe']}-NFE samples"))
     entry["seconds"] = time.perf_counter() - started
     return entry
@@ -102,11 +107,13 @@ def point_distances(generated: Tensor, real: Tensor, k: int, seed: int) -> dict[
             **precision_recall(real, generated, k=k)}
 
 
-def _save(local: Tensor, setting: SamplerSetting, plan: SamplePlan, settings: "EvalSettings") -> dict[str, str]:
-    """This process's points (n, *sample_shape) float32 in the one sample file format."""
+def _save(parts: list[Tensor], setting: SamplerSetting, plan: SamplePlan, encoder: Encoder,
+          settings: "EvalSettings") -> dict[str, str]:
+    """This process's points in the one sample file format (the encoder's file rows: float32)."""
     writer = sample_file_for(Path(settings.save_samples), setting.describe(), plan.shard_size, plan.rank,
                              plan.world_size)
-    writer.write(local.reshape(-1, *plan.sample_shape).numpy())
+    for samples in parts:
+        writer.write(encoder.file_rows(samples))
     path = writer.finish(plan.shard_labels())
     return {} if path is None else {"samples_file": str(path)}
 

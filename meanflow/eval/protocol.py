@@ -215,10 +215,10 @@ def stream_sample_statistics(
     return statistics
 
 
-def gather_rows(parts: list[Tensor], dim: int, world_size: int) -> Tensor:
-    """This process's rows (n, dim), or, under torch.distributed, every process's in rank order
-    (ranks hold contiguous index slices, so rank order is index order)."""
-    local = torch.cat(parts) if parts else torch.zeros(0, dim)
+def gather_rows(parts: list[Tensor], row_shape: tuple, world_size: int) -> Tensor:
+    """This process's rows (n, *row_shape) on the CPU, or, under torch.distributed, every
+    process's in rank order (ranks hold contiguous index slices, so rank order is index order)."""
+    local = torch.cat(parts) if parts else torch.zeros(0, *row_shape)
     if world_size == 1:
         return local
     import torch.distributed as dist

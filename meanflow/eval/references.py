@@ -232,7 +232,8 @@ def _statistics_file(path: Path, extractor: FeatureExtractor) -> tuple[np.ndarra
     stored_extractor = (info or {}).get("feature_extractor")
     if stored_extractor is not None and stored_extractor != extractor.name:
         raise ValueError(f"{path} holds statistics of {stored_extractor}, not of {extractor.name}")
-    return mu, sigma, {"source": str(path), "statistics": str(path.resolve()), "num_images": (info or {}).get("num_images")}
+    return mu, sigma, {"source": str(path), "statistics": str(path.resolve()),
+                       "num_images": (info or {}).get("num_images")}
 
 
 __all__ = [

@@ -13,7 +13,7 @@ Every objective, built in or plugged in, offers (see :class:`Objective`):
   when the objective is built for a network.
 
 :class:`NoiseTimeObjective` implements ``loss`` for objectives that draw noise, times and label
-dropout and regress a prediction onto a target (:meth:`prediction_and_target`).
+dropout and regress a prediction onto a target (:meth:`NoiseTimeObjective.compute`).
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ class NoiseTimeObjective(Objective):
     """An objective that draws noise, times (r, t) and label dropout, then regresses the network's
     prediction onto a stop-gradient target with an adaptive weight (Eq. 7-8).
 
-    Subclasses define :meth:`sample_times` and :meth:`prediction_and_target`.
+    Subclasses define :meth:`sample_times` and :meth:`compute`. The training path
+    (:meth:`loss`) checks only what it did not make itself (the batch), and never reads the
+    device to do so for tensors off the CPU; :meth:`prediction_and_target` checks every input.
     """
 
     weighting: AdaptiveWeighting
@@ -104,11 +106,18 @@ class NoiseTimeObjective(Objective):
         """(r, t), each (B,), with like's dtype and device."""
         raise NotImplementedError
 
+    def compute(
+        self, model: nn.Module, x: Tensor, noise: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(prediction, sg(target))`` for inputs already checked; what subclasses write."""
+        raise NotImplementedError
+
     def prediction_and_target(
         self, model: nn.Module, x: Tensor, noise: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor] = None
     ) -> tuple[Tensor, Tensor]:
-        """The deterministic core: ``(u_theta(z_t, r, t), sg(u_tgt))`` for explicit inputs."""
-        raise NotImplementedError
+        """The deterministic core: ``(u_theta(z_t, r, t), sg(u_tgt))`` for explicit inputs, checked."""
+        labels = self.check_inputs(x, noise, r, t, labels)
+        return self.compute(model, x, noise, r, t, labels)
 
     def loss(self, model, batch, labels=None, *, generator=None, progress=0.0) -> LossOutput:
         """Draw noise, times and label dropout for the batch's data ``x`` (B, ...) and return the loss."""
@@ -120,12 +129,13 @@ class NoiseTimeObjective(Objective):
         r, t = self.sample_times(x.shape[0], x, generator, progress)
         if labels is not None:
             labels = drop_labels(labels, self.class_dropout, null_class_id(self.num_classes), generator)
-        return self.loss_at(model, x, noise, r, t, labels)
+        u, u_tgt = self.compute(model, x, noise, r, t, labels)  # times and noise are ours: no checks
+        return loss_output(self.weighting, u, u_tgt, noise - x, r, t)
 
     def loss_at(
         self, model: nn.Module, x: Tensor, noise: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor] = None
     ) -> LossOutput:
-        """The loss for explicit noise, times and (already dropped) labels."""
+        """The loss for explicit noise, times and (already dropped) labels, all checked."""
         u, u_tgt = self.prediction_and_target(model, x, noise, r, t, labels)
         return loss_output(self.weighting, u, u_tgt, noise - x, r, t)
 
@@ -147,9 +157,16 @@ class NoiseTimeObjective(Objective):
         if labels.shape != (batch_size,) or labels.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"labels must be an integer tensor of shape ({batch_size},), got {labels.dtype} {tuple(labels.shape)}")
         upper = self.num_classes + (1 if allow_null else 0)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= upper):
+        # The range check reads the tensor: done on the CPU only, never as a device sync in a step
+        # (the data sources check their labels when they load them).
+        if labels.numel() and labels.device.type == "cpu" and (int(labels.min()) < 0 or int(labels.max()) >= upper):
             raise ValueError(f"labels must lie in [0, {upper - 1}]; got range [{int(labels.min())}, {int(labels.max())}]")
         return labels.long()
+
+
+def default_of(record: type, name: str) -> Any:
+    """The default of dataclass field ``name`` of ``record`` (for settings that build records)."""
+    return record.__dataclass_fields__[name].default
 
 
 def check_num_classes(num_classes: Optional[int]) -> None:

@@ -12,7 +12,7 @@ from ..conditions import average_velocity
 from ..conventions import interpolate
 from ..samplers import Sampler, VelocityOdeSampler
 from ..validation import check_fraction
-from .base import NoiseTimeObjective, check_num_classes
+from .base import NoiseTimeObjective, check_num_classes, default_of
 from .loss import AdaptiveWeighting
 from .time_sampling import TimeSampler
 
@@ -26,11 +26,11 @@ class FlowMatchingSettings:
     inference-time CFG is possible.
     """
 
-    distribution: str = "logit_normal"
-    mu: float = -0.4
-    sigma: float = 1.0
+    distribution: str = default_of(TimeSampler, "distribution").value
+    mu: float = default_of(TimeSampler, "mu")
+    sigma: float = default_of(TimeSampler, "sigma")
     p: float = 0.0
-    c: float = 0.01
+    c: float = default_of(AdaptiveWeighting, "c")
     class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -94,12 +94,15 @@ class FlowMatching(NoiseTimeObjective):
         t = sampler.draw(batch_size, sampler.mu, sampler.sigma, like.device, like.dtype, generator)
         return t, t
 
-    def prediction_and_target(
-        self, model: nn.Module, x: Tensor, noise: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor] = None
-    ) -> tuple[Tensor, Tensor]:
-        """``(u_theta(z_t, t, t), v)``; ``r`` must equal ``t``."""
-        labels = self.check_inputs(x, noise, r, t, labels)
+    def check_inputs(self, x: Tensor, noise: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor]):
+        labels = super().check_inputs(x, noise, r, t, labels)
         if not torch.equal(r, t):
             raise ValueError("flow matching trains at r = t; got r != t")
+        return labels
+
+    def compute(
+        self, model: nn.Module, x: Tensor, noise: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(u_theta(z_t, t, t), v)``; ``r`` equals ``t``."""
         z = interpolate(x, noise, t)  # (B, ...) Eq. 1
         return average_velocity(model(z, t, t, labels)), (noise - x).detach()

@@ -10,17 +10,11 @@ from torch import Tensor, nn
 
 from ..conditions import average_velocity
 from ..conventions import at_least_fp32, broadcast_like, interpolate, null_class_id
-from ..jvp import (
-    Derivative,
-    finite_difference_along_flow,
-    is_data_parallel,
-    jvp_along_flow,
-    tangent_along_flow,
-    unwrap,
-)
+from ..jvp import Derivative, finite_difference_along_flow, jvp_along_flow, tangent_along_flow
 from ..samplers import AverageVelocitySampler, Sampler
 from ..validation import check_positive, parse_enum
-from .base import NoiseTimeObjective, check_num_classes
+from ..wrappers import is_data_parallel, unwrap
+from .base import NoiseTimeObjective, check_num_classes, default_of
 from .guidance import TrainingGuidance, guided_velocity
 from .loss import AdaptiveWeighting
 from .time_sampling import TimeSampler
@@ -39,22 +33,23 @@ class MeanFlowSettings:
     interval ``[t_min, t_max]``, ``class_dropout``.
     """
 
-    distribution: str = "logit_normal"
-    mu: float = -0.4
-    sigma: float = 1.0
-    fraction_r_neq_t: float = 0.25
-    mask_mode: str = "random"
-    r_mu: Optional[float] = None
-    r_sigma: Optional[float] = None
-    p: float = 1.0
-    c: float = 0.01
-    derivative: str = "two_pass"
+    # Defaults come from the records these fields build, so there is one copy of each.
+    distribution: str = default_of(TimeSampler, "distribution").value
+    mu: float = default_of(TimeSampler, "mu")
+    sigma: float = default_of(TimeSampler, "sigma")
+    fraction_r_neq_t: float = default_of(TimeSampler, "fraction_r_neq_t")
+    mask_mode: str = default_of(TimeSampler, "mask_mode").value
+    r_mu: Optional[float] = default_of(TimeSampler, "r_mu")
+    r_sigma: Optional[float] = default_of(TimeSampler, "r_sigma")
+    p: float = default_of(AdaptiveWeighting, "p")
+    c: float = default_of(AdaptiveWeighting, "c")
+    derivative: str = Derivative.TWO_PASS.value
     finite_difference_step: float = 1e-3
-    omega: float = 1.0
-    kappa: float = 0.0
-    t_min: float = 0.0
-    t_max: float = 1.0
-    class_dropout: float = 0.1
+    omega: float = default_of(TrainingGuidance, "omega")
+    kappa: float = default_of(TrainingGuidance, "kappa")
+    t_min: float = default_of(TrainingGuidance, "t_min")
+    t_max: float = default_of(TrainingGuidance, "t_max")
+    class_dropout: float = default_of(TrainingGuidance, "class_dropout")
 
     def __post_init__(self) -> None:
         parse_enum(Derivative, self.derivative, "derivative")
@@ -147,16 +142,16 @@ class MeanFlow(NoiseTimeObjective):
                      progress: float = 0.0) -> tuple[Tensor, Tensor]:
         return self.time_sampler.sample(batch_size, like.device, like.dtype, generator)
 
-    def prediction_and_target(
+    def compute(
         self, model: nn.Module, x: Tensor, noise: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor] = None
     ) -> tuple[Tensor, Tensor]:
         """``(u_theta(z_t, r, t), sg(u_tgt))`` for explicit inputs, each of x's shape.
 
         x, noise: (B, ...); r, t: (B,) with r <= t; labels: (B,) with the null id marking samples
         whose class was dropped (they get the plain velocity), or None when unconditional.
-        Deterministic given its inputs (up to dropout inside the model).
+        Deterministic given its inputs (up to dropout inside the model). Called through
+        :meth:`prediction_and_target` (which checks the inputs) or by :meth:`loss`.
         """
-        labels = self.check_inputs(x, noise, r, t, labels)
         z = interpolate(x, noise, t)  # (B, ...) Eq. 1
         v = noise - x  # (B, ...) Eq. 1
         v_hat = self.guided_target_velocity(model, z, t, v, labels)  # (B, ...) Eq. 9-10

@@ -26,7 +26,6 @@ from ..conventions import Batch
 from ..data import DataInfo, build_source
 from ..data.memory import InMemoryData, as_in_memory_data, memory_source
 from ..distributed import Distributed, gather_state, init_distributed, shard_model, shutdown
-from ..encoders import Encoder, LatentEncoder
 from ..models import build_model
 from ..objectives import build_objective
 from ..progress import Progress
@@ -74,13 +73,6 @@ def check_model_matches_data(config: Config, info: DataInfo) -> None:
                         f"{info.num_classes if info.num_classes else 'no'} classes ({where})")
     if problems:
         raise ValueError("the model does not fit the data:\n  " + "\n  ".join(problems))
-
-
-def draws_grids(encoder: Encoder) -> bool:
-    """Whether sample grids can be drawn for this data: latents, images of 1 or 3 channels, or
-    2-D points. User data of other shapes (e.g. (D,) vectors) trains without grids."""
-    shape = tuple(encoder.sample_shape)
-    return isinstance(encoder, LatentEncoder) or (encoder.is_image and shape[0] in (1, 3)) or shape == (2,)
 
 
 class Trainer:
@@ -254,7 +246,7 @@ class Trainer:
     def _grids(self, log: MetricsLog) -> list[Path]:
         """Sample grids from the first EMA copy: every rank takes part in gathering the weights
         (sharded under FSDP), rank 0 alone keeps them and samples from a plain copy of the model."""
-        if not draws_grids(self.info.encoder):
+        if not self.info.encoder.can_draw:  # e.g. a user's (D,) vectors train without grids
             return []
         ema = self.state.ema
         weights = gather_state(ema.shadows[ema.names[0]], keep=self.dist.is_main)
@@ -324,4 +316,4 @@ def train(config: Config, output_dir: str | Path, progress: bool = True, max_ste
     return result
 
 
-__all__ = ["TrainResult", "Trainer", "check_model_matches_data", "describe_in_memory", "draws_grids", "train"]
+__all__ = ["TrainResult", "Trainer", "check_model_matches_data", "describe_in_memory", "train"]
