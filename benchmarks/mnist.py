@@ -52,7 +52,7 @@ def main() -> None:
         nfes = (1, 2) if name == "meanflow" else (1, 2, 4, 8, 50)
         for nfe in nfes:
             samples = generate(loaded.model, 100, loaded.sample_shape, nfe, labels, seed=0,
-                               ode=None if name == "meanflow" else "euler")
+                               sampler=loaded.sampler)
             path = output / f"{name}_nfe{nfe}.png"
             save_image_grid(samples, path, nrow=10)
             grids[nfe] = str(path)

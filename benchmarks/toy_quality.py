@@ -54,11 +54,11 @@ def run_toy(name: str, args, folder: Path) -> list[dict]:
         started = time.perf_counter()
         train(config, folder / f"{name}-{method.replace(' ', '_')}", progress=False)
         seconds = time.perf_counter() - started
-        model = load_model(folder / f"{name}-{method.replace(' ', '_')}").model
+        loaded = load_model(folder / f"{name}-{method.replace(' ', '_')}")  # its run's own sampler
         grid = (1, 2) if method == "MeanFlow" else (1, 2, 4, 8, 50)
         for nfe in grid:
-            ode = None if method == "MeanFlow" else "euler"
-            samples = generate(model, args.samples, (2,), nfe, seed=args.seed + 1, ode=ode, batch_size=args.samples)
+            samples = generate(loaded.model, args.samples, (2,), nfe, seed=args.seed + 1, sampler=loaded.sampler,
+                               batch_size=args.samples)
             energy, w2, precision, recall = scores(samples, reference, nfe)
             label = method if method == "MeanFlow" else "flow matching (Euler)"
             rows.append(dict(toy=name, method=label, nfe=nfe, energy=energy, sliced_w2=w2, precision=precision,

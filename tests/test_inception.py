@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("scipy")
 inception = pytest.importorskip("meanflow.eval.inception")
 
+from meanflow.fingerprints import state_fingerprint  # noqa: E402
 from meanflow.eval.inception import (  # noqa: E402
     INCEPTION_WEIGHTS_FILE,
     InceptionFeatureExtractor,
@@ -97,7 +98,7 @@ def test_features_do_not_depend_on_input_type_channels_or_batching(extractor):
 def test_extractor_name_identifies_the_weights(extractor, random_weights):
     assert extractor.name.startswith("inception-v3-tf2015-")
     stored = torch.load(random_weights, weights_only=True)
-    assert extractor.fingerprint == inception._state_fingerprint(stored)
+    assert extractor.fingerprint == state_fingerprint(stored)
 
 
 def test_offline_failure_names_the_file_and_the_option(monkeypatch):

@@ -12,10 +12,8 @@ same command keeps the finished shards and redoes the rest.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..io import write_bytes_atomic
+from ..io import atomic_writer
+from ..progress import Progress
 from .common import PathLike, check_positive_int
 from .folders import ImageFolderDataset
 from .latent_format import (
@@ -142,7 +141,8 @@ def _encode_missing_shards(output_dir: Path, manifest: dict, dataset: ImageFolde
     pending = [index for index in range(manifest["num_shards"]) if index not in finished]
     batches, owners = _plan_batches(pending, shard_size, count, batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-    bar = _Progress(count, sum(entry["count"] for entry in manifest["shards"]), progress)
+    bar = Progress(count, sum(entry["count"] for entry in manifest["shards"]), enabled=progress, every=shard_size,
+                   unit="img")
     current, buffer, filled = None, None, 0
     try:
         for (images, _), index in zip(loader, owners):
@@ -154,10 +154,9 @@ def _encode_missing_shards(output_dir: Path, manifest: dict, dataset: ImageFolde
                 buffer = np.empty((rows, *shape), dtype=manifest["dtype"])
             buffer[filled:filled + len(moments)] = moments.numpy()
             filled += len(moments)
-            bar.images(len(moments))
+            bar.update(len(moments))
             if filled == len(buffer):
-                done = _write_shard(output_dir, manifest, index, buffer, labels)
-                bar.shard(index, done)
+                _write_shard(output_dir, manifest, index, buffer, labels)
     finally:
         bar.close()
 
@@ -270,9 +269,8 @@ def _dataset_fingerprint(dataset: ImageFolderDataset) -> str:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    write_bytes_atomic(path, buffer.getvalue())
+    with atomic_writer(path) as handle:  # streamed: no second copy of the shard in memory
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _shard_on_disk(output_dir: Path, entry: dict, shape: tuple, dtype: str, labels: np.ndarray) -> bool:
@@ -288,36 +286,10 @@ def _shard_on_disk(output_dir: Path, entry: dict, shape: tuple, dtype: str, labe
 
 
 def _remove_stale_temporaries(output_dir: Path) -> None:
-    # write_bytes_atomic names its temporary files ".<target>.<random>.tmp"; a killed run leaves them.
+    # atomic_writer names its temporary files ".<target>.<random>.tmp"; a killed run leaves them.
     for pattern in (".shard_*.npy.*.tmp", f".{MANIFEST_NAME}.*.tmp"):
         for stale in output_dir.glob(pattern):
             stale.unlink(missing_ok=True)
-
-
-class _Progress:
-    """tqdm over images when installed, otherwise a line per finished shard on stderr."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar, self.enabled, self.total = None, enabled, total
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, initial=initial, unit="img", desc="encode", dynamic_ncols=True)
-
-    def images(self, count: int) -> None:
-        if self.bar is not None:
-            self.bar.update(count)
-
-    def shard(self, index: int, done: int) -> None:
-        if self.enabled and self.bar is None:
-            print(f"encode: shard {index} written, {done}/{self.total} images", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 __all__ = ["encode_image_folder"]

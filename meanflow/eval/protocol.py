@@ -11,7 +11,7 @@ the contiguous slice ``[rank N / W, (rank + 1) N / W)`` (:func:`meanflow.distrib
 Streaming: samples are generated, decoded and quantised by the run's encoder (exactly the uint8
 pixels a saved sample file holds), featurised and folded into a
 :class:`~meanflow.eval.frechet.FeatureStatistics` one batch at a time; no image set is ever
-held whole. Nothing here communicates across processes: the caller reduces.
+held whole. Only :func:`gather_rows` communicates across processes; the caller reduces the statistics.
 """
 
 from __future__ import annotations
