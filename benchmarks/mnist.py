@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from meanflow.eval.grids import save_image_grid
+from meanflow.grids import save_image_grid
 from meanflow.inference import balanced_labels, generate, load_model
 from meanflow.presets import preset
 from meanflow.train import train

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from meanflow.data.toy import sample_toy
 from meanflow.eval.distances import energy_distance, sliced_wasserstein
 from meanflow.eval.inception import precision_recall
 from meanflow.inference import generate, load_model
 from meanflow.presets import preset
+from meanflow.toys import sample_toy
 from meanflow.train import train
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .validation import check_bool, check_choice, check_known_keys, check_positive
+
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -65,7 +66,7 @@ class DataConfig:
 
         _choice("data", "name", self.name, DATASETS)
         if self.name == "toy":
-            from .data.toy import ToyDistribution
+            from .toys import ToyDistribution
 
             _choice("data", "toy", self.toy, [d.value for d in ToyDistribution])
         if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 1):

@@ -54,7 +54,7 @@ class Encoder:
     def write_grid(self, samples: Tensor, path: Path, *, nrow: Optional[int] = None,
                    title: Optional[str] = None) -> Path:
         """Draw samples (B, *sample_shape) into a PNG file; returns its path."""
-        from .eval.grids import save_image_grid
+        from .grids import save_image_grid
 
         images = self.decode(samples).float().cpu()
         return save_image_grid(upscale_for_grid(images, nrow), path, nrow=nrow)
@@ -92,7 +92,7 @@ class PixelEncoder(Encoder):
 class LatentEncoder(Encoder):
     """Latents of a diffusers AutoencoderKL (``vae``: a hub name or local folder), decoded to
     images ``downsampling`` times larger. The VAE is loaded once per process and device
-    (:func:`meanflow.data.vae.load_vae` caches it)."""
+    (:func:`meanflow.vae.load_vae` caches it)."""
 
     sample_shape: tuple
     vae: str
@@ -103,7 +103,7 @@ class LatentEncoder(Encoder):
     is_image: ClassVar[bool] = True
 
     def decode(self, samples: Tensor) -> Tensor:
-        from .data.vae import decode_latents, load_vae
+        from .vae import decode_latents, load_vae
 
         vae = load_vae(self.vae, device=samples.device)
         return decode_latents(vae, samples, batch_size=self.decode_batch_size)  # (B, 3, H, W) in [-1, 1]
@@ -140,11 +140,11 @@ class PointEncoder(Encoder):
         return samples.detach().float().cpu().numpy()
 
     def write_grid(self, samples, path, *, nrow=None, title=None) -> Path:
-        from .eval.grids import save_scatter
+        from .grids import save_scatter
 
         reference = None
         if self.reference is not None:
-            from .data.toy import sample_toy
+            from .toys import sample_toy
 
             reference = sample_toy(self.reference, max(len(samples), 2000), torch.Generator().manual_seed(1))
         return save_scatter(samples.float().cpu(), path, reference=reference, title=title)

@@ -30,6 +30,7 @@ Three methods, chosen by :class:`Derivative`:
 from __future__ import annotations
 
 import enum
+
 import torch
 from torch import Tensor, nn
 

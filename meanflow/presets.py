@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import Config, DataConfig, ModelSpec, ObjectiveConfig, OptimConfig, TrainingConfig
-from .data.toy import ToyDistribution
+from .toys import ToyDistribution
 
 
 def _meanflow(**settings) -> ObjectiveConfig:

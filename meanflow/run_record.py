@@ -131,11 +131,11 @@ def check_version(version: Any, source: str) -> None:
 
 def record_from_format_1(trainer: dict) -> RunRecord:
     """The one translation of a format-1 checkpoint (config and ``data_info`` in trainer.json)."""
-    from .config import Config
-    from .data.vae import DEFAULT_VAE
-    from .objectives import objective_class
-
     import warnings
+
+    from .config import Config
+    from .objectives import objective_class
+    from .vae import DEFAULT_VAE
 
     with warnings.catch_warnings():  # the flat objective section is expected here; no warning
         warnings.simplefilter("ignore", FutureWarning)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Iterable, TypeVar
+import os
+from typing import Any, Iterable, TypeVar, Union
 
 E = TypeVar("E", bound=enum.Enum)
+PathLike = Union[str, "os.PathLike[str]"]  # what every function taking a file or folder accepts
 
 
 def parse_enum(kind: type[E], value: Any, field: str) -> E:
@@ -52,7 +54,8 @@ def check_fraction(field: str, value: Any) -> None:
 def check_integer(field: str, value: Any, minimum: int = 1) -> None:
     """An int (not a bool) >= ``minimum``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{field} must be an integer >= {minimum}; got {value!r}")
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{field} must be {wanted}, got {value!r}")
 
 
 def check_bool(field: str, value: Any) -> None:

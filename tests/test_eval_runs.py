@@ -192,12 +192,12 @@ def test_cached_reference_statistics_are_used_without_loading_the_data_set(digit
 
 
 def test_a_points_run_reports_distances_to_its_toy_distribution(toy_run, tmp_path, capsys):
-    from meanflow.data.toy import sample_toy
     from meanflow.eval.distances import (
         energy_distance,
         precision_recall,
         sliced_wasserstein,
     )
+    from meanflow.toys import sample_toy
 
     report = eval_report(tmp_path, "--checkpoint", toy_run, "--num-samples", 600, "--steps", 1, 2, "--seed", 4,
                          "--batch-size", 250, "--save-samples", tmp_path / "samples")

@@ -300,7 +300,7 @@ def test_settings_are_keyword_only_and_validated_at_construction(classifier):
                          (dict(num_samples=True), "num_samples must be an integer >= 2"),
                          (dict(steps=(1, 0)), "steps must hold positive step counts"),
                          (dict(steps=()), "steps must hold positive step counts"),
-                         (dict(batch_size=0), "batch_size must be an integer >= 1"),
+                         (dict(batch_size=0), "batch_size must be a positive integer"),
                          (dict(seed=-1), "seed must be an integer >= 0"),
                          (dict(intermediate=1.0), "intermediate must be a finite number in \\(0, 1\\)"),
                          (dict(ode="rk4"), "ode must be one of 'euler', 'heun'"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from meanflow.eval.grids import image_grid_array, save_image_grid, save_scatter
+from meanflow.grids import image_grid_array, save_image_grid, save_scatter
 
 
 def test_value_mapping_pinned():

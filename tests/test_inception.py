@@ -20,7 +20,6 @@ import torch
 pytest.importorskip("scipy")
 inception = pytest.importorskip("meanflow.eval.inception")
 
-from meanflow.fingerprints import state_fingerprint  # noqa: E402
 from meanflow.eval.inception import (  # noqa: E402
     INCEPTION_WEIGHTS_FILE,
     InceptionFeatureExtractor,
@@ -30,6 +29,7 @@ from meanflow.eval.inception import (  # noqa: E402
     inception_score,
     precision_recall,
 )
+from meanflow.fingerprints import state_fingerprint  # noqa: E402
 
 
 def library():

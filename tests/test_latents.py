@@ -27,7 +27,7 @@ from meanflow.data.latent_dataset import LatentDataset  # noqa: E402
 from meanflow.data.latent_source import LatentBatches  # noqa: E402
 from meanflow.data.latent_writer import encode_image_folder  # noqa: E402
 from meanflow.data.transforms import pil_to_tensor, to_model_range  # noqa: E402
-from meanflow.data.vae import (  # noqa: E402
+from meanflow.vae import (  # noqa: E402
     DEFAULT_VAE,
     SD_VAE_SCALE_FACTOR,
     VAEUnavailableError,

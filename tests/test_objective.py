@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from gaussian import GaussianAverageVelocity
+
 from meanflow.conventions import interpolate
 from meanflow.jvp import Derivative
 from meanflow.models.mlp import MLP, MLPConfig

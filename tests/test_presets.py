@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from meanflow.models import build_model
-from meanflow.presets import PRESETS, preset
 from meanflow.objectives import build_objective
+from meanflow.presets import PRESETS, preset
 
 IMAGENET = {
     # name: (params in M of the paper, omega, kappa, t_min, t_max, epochs)

@@ -190,7 +190,12 @@ def test_loss_takes_a_batch_record_and_checks_progress():
 
 
 def test_settings_records_take_keyword_arguments_only():
-    from meanflow.objectives import AdaptiveWeighting, MeanFlowSettings, TimeSampler, TrainingGuidance
+    from meanflow.objectives import (
+        AdaptiveWeighting,
+        MeanFlowSettings,
+        TimeSampler,
+        TrainingGuidance,
+    )
 
     for record in (TimeSampler, TrainingGuidance, AdaptiveWeighting, MeanFlowSettings):
         with pytest.raises(TypeError):

@@ -104,7 +104,7 @@ def test_a_latent_run_is_decoded_by_its_vae(tmp_path, capsys):
     from test_latents import RESOLUTION, tiny_vae, write_image_folder
 
     from meanflow.data.latent_writer import encode_image_folder
-    from meanflow.data.vae import clear_vae_cache
+    from meanflow.vae import clear_vae_cache
 
     vae_folder = tmp_path / "vae"
     tiny_vae().save_pretrained(vae_folder)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from gaussian import GaussianAverageVelocity
+
 from meanflow.sampling import guided_prediction, sample, sample_ode, sample_one_step, time_grid
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from meanflow.data import toy
-from meanflow.data.toy import ToyDistribution, sample_toy
+from meanflow import toys as toy
+from meanflow.toys import ToyDistribution, sample_toy
 
 N = 40_000
 

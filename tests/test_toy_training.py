@@ -2,11 +2,11 @@
 
 import torch
 
-from meanflow.data.toy import sample_toy
 from meanflow.eval.distances import energy_distance
 from meanflow.inference import generate, load_model
 from meanflow.models import build_model
 from meanflow.presets import preset
+from meanflow.toys import sample_toy
 from meanflow.train import train
 
 

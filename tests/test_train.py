@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from meanflow.checkpoint import list_checkpoints, load_checkpoint
 from meanflow.config import Config
 from meanflow.inference import generate, load_model
 from meanflow.presets import preset
 from meanflow.train import train
-from meanflow.checkpoint import list_checkpoints, load_checkpoint
 
 
 def tiny_toy(steps=20):

@@ -16,7 +16,7 @@ from .common import positive_int
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``encode`` on the ``meanflow`` command's sub-parsers; returns its parser."""
     from ..data.latent_format import STORAGE_DTYPES
-    from ..data.vae import DEFAULT_VAE
+    from ..vae import DEFAULT_VAE
 
     parser = subparsers.add_parser("encode", help="encode an ImageFolder tree into an SD-VAE latent cache",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

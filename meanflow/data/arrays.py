@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .common import PathLike, check_positive_int, import_pil
+from ..validation import PathLike, check_integer
+from .common import import_pil
 
 ArrayDatasetName = Literal["mnist", "fashion-mnist", "cifar10"]
 Split = Literal["train", "test"]
@@ -100,7 +101,7 @@ def load_array_dataset(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if max_images is not None:
-        check_positive_int("max_images", max_images)
+        check_integer("max_images", max_images)
     if path is not None:
         images, labels, source = _load_local(name, Path(path).expanduser(), split, max_images)
     else:

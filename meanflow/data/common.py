@@ -1,21 +1,6 @@
-"""The few helpers every data module shares: the path type, a positive-integer check, Pillow's lazy import.
-
-They live here once so that arrays, folders, transforms and the latent cache validate and
-report alike (a second copy of a check drifts in its wording and its edge cases).
-"""
+"""Pillow's lazy import, shared by the data modules that decode image files."""
 
 from __future__ import annotations
-
-import os
-from typing import Any, Union
-
-PathLike = Union[str, os.PathLike]
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is an int >= 1 (bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def import_pil(purpose: str):
@@ -32,4 +17,4 @@ def import_pil(purpose: str):
     return Image
 
 
-__all__ = ["PathLike", "check_positive_int", "import_pil"]
+__all__ = ["import_pil"]

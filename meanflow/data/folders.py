@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .common import PathLike, check_positive_int, import_pil
+from ..validation import PathLike, check_integer
+from .common import import_pil
 from .transforms import pil_to_tensor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,7 +53,7 @@ def center_crop_adm(image: "PILImage.Image", resolution: int) -> "PILImage.Image
         An R x R RGB Pillow image.
     """
     Image = import_pil("the ADM centre crop")
-    check_positive_int("resolution", resolution)
+    check_integer("resolution", resolution)
     resampling = getattr(Image, "Resampling", Image)  # Pillow >= 9.1 moved the filter constants
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -104,9 +105,9 @@ class ImageFolderDataset(Dataset):
         max_images: Optional[int] = None,
     ):
         Image = import_pil("reading an image folder")
-        check_positive_int("resolution", resolution)
+        check_integer("resolution", resolution)
         if max_images is not None:
-            check_positive_int("max_images", max_images)
+            check_integer("max_images", max_images)
         self.root = Path(root).expanduser()
         self.resolution = resolution
         self.class_names = _find_class_folders(self.root)

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .common import PathLike
+from ..vae import SD_VAE_SCALE_FACTOR
+from ..validation import PathLike
 from .latent_format import MANIFEST_NAME, read_manifest, shard_file_names
-from .vae import SD_VAE_SCALE_FACTOR
 
 
 class LatentDataset:

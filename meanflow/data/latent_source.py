@@ -19,9 +19,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .common import PathLike, check_positive_int
+from ..vae import SD_VAE_SCALE_FACTOR
+from ..validation import PathLike, check_integer
 from .latent_dataset import LatentDataset
-from .vae import SD_VAE_SCALE_FACTOR
 
 Batch = tuple[Tensor, Optional[Tensor]]
 Position = tuple[int, int]
@@ -134,8 +134,8 @@ class LatentBatches:
         class_conditional: bool = True,
         prefetch: bool = True,
     ):
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("world_size", world_size)
+        check_integer("batch_size", batch_size)
+        check_integer("world_size", world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
         self.dataset = LatentDataset(cache_dir)

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 
 from ..io import atomic_writer
 from ..progress import Progress
-from .common import PathLike, check_positive_int
+from ..vae import (
+    DEFAULT_VAE,
+    SD_VAE_SCALE_FACTOR,
+    encode_moments,
+    load_vae,
+    recorded_vae_name,
+    weights_fingerprint,
+)
+from ..validation import PathLike, check_integer
 from .folders import ImageFolderDataset
 from .latent_format import (
     CACHE_FORMAT,
@@ -38,7 +46,6 @@ from .latent_format import (
     write_manifest,
 )
 from .transforms import to_model_range
-from .vae import DEFAULT_VAE, SD_VAE_SCALE_FACTOR, encode_moments, load_vae, recorded_vae_name, weights_fingerprint
 
 
 def encode_image_folder(
@@ -66,7 +73,7 @@ def encode_image_folder(
     Args:
         root: the ImageFolder tree, ``root/<class_name>/<image files>``.
         output_dir: the cache folder (created; must be empty or hold a cache of the same settings).
-        vae: an AutoencoderKL, or a hub name / local folder for :func:`~meanflow.data.vae.load_vae`.
+        vae: an AutoencoderKL, or a hub name / local folder for :func:`~meanflow.vae.load_vae`.
         resolution: R, the side of the centre-cropped images (a multiple of the VAE's factor).
         batch_size: images per VAE call (twice as many pass through it with flips).
         flip: also cache the posterior of each left-right mirrored image.
@@ -100,7 +107,7 @@ def encode_image_folder(
 def _check_encode_arguments(resolution: int, batch_size: int, shard_size: int, storage_dtype: str,
                             num_workers: int) -> None:
     for name, value in (("resolution", resolution), ("batch_size", batch_size), ("shard_size", shard_size)):
-        check_positive_int(name, value)
+        check_integer(name, value)
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {list(STORAGE_DTYPES)}, got {storage_dtype!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:

@@ -29,8 +29,8 @@ from torch import Tensor
 
 from ..encoders import Encoder, PixelEncoder, PointEncoder
 from ..fingerprints import state_fingerprint
+from ..validation import PathLike
 from . import DataInfo
-from .common import PathLike
 from .sources import TensorBatches
 
 

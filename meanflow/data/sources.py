@@ -102,7 +102,7 @@ class ToyStream:
     """
 
     def __init__(self, name: str, batch_size: int, seed: int = 0, rank: int = 0):
-        from .toy import sample_toy
+        from ..toys import sample_toy
 
         self._sample = sample_toy
         self.name, self.batch_size = name, batch_size

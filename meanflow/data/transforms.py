@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import check_positive_int
+from ..validation import check_integer
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
@@ -60,7 +60,7 @@ def prepare_images(images: Tensor, resolution: Optional[int] = None) -> Tensor:
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"prepare_images expects uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     if resolution is not None:
-        check_positive_int("resolution", resolution)
+        check_integer("resolution", resolution)
     if resolution is None or tuple(images.shape[-2:]) == (resolution, resolution):
         return to_model_range(images).contiguous()
     height, width = images.shape[-2:]

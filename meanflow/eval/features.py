@@ -12,13 +12,12 @@ asks of it (:class:`FeatureExtractor`), and building it (:func:`build_feature_ex
 from __future__ import annotations
 
 import enum
-import os
 from typing import Optional, Protocol, Union
 
 import torch
 from torch import Tensor
 
-PathLike = Union[str, "os.PathLike[str]"]
+from ..validation import PathLike
 
 # The Inception network's forward pass holds far more activations per image than the classifier's.
 INCEPTION_MAX_BATCH = 100

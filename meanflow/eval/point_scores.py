@@ -42,7 +42,7 @@ SLICED_WASSERSTEIN_DIRECTIONS = 256
 
 def toy_reference(reference: Optional[str], encoder: Encoder) -> str:
     """The toy distribution to compare with: ``reference`` when given, else the run's own."""
-    from ..data.toy import ToyDistribution
+    from ..toys import ToyDistribution
 
     name = reference if reference is not None else getattr(encoder, "reference", None)
     valid = [member.value for member in ToyDistribution]
@@ -55,7 +55,7 @@ def toy_reference(reference: Optional[str], encoder: Encoder) -> str:
 def score_point_run(loaded: "LoadedModel", encoder: Encoder, sampler: Sampler,
                     settings: "EvalSettings") -> ScoredRun:
     """Every setting of ``settings.steps`` scored against exact samples of the toy distribution."""
-    from ..data.toy import sample_toy
+    from ..toys import sample_toy
 
     name = toy_reference(settings.reference, encoder)
     plan = SamplePlan.from_settings(settings, loaded.sample_shape, loaded.num_classes)
@@ -70,7 +70,7 @@ def score_point_run(loaded: "LoadedModel", encoder: Encoder, sampler: Sampler,
     finally:
         bar.close()
     reference = {"source": f"toy:{name}", "num_points": settings.num_samples,
-                 "sampled_by": f"meanflow.data.toy.sample_toy({name!r}, N, torch.Generator().manual_seed(seed))"}
+                 "sampled_by": f"meanflow.toys.sample_toy({name!r}, N, torch.Generator().manual_seed(seed))"}
     return ScoredRun(POINTS_METRIC, None, reference, scores,
                      {"samples": settings.num_samples, "k": settings.precision_recall_k}, POINTS_NOTE)
 

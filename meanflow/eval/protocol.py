@@ -16,7 +16,6 @@ held whole. Only :func:`gather_rows` communicates across processes; the caller r
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -32,20 +31,13 @@ from ..validation import parse_enum
 from .features import FeatureExtractor
 from .frechet import FeatureStatistics
 from .inception import InceptionScoreStatistics
+from .settings import EvalSettings, LabelMode
 
 if TYPE_CHECKING:
     from ..progress import Progress
     from .sample_writer import StreamedSampleFile
-    from .settings import EvalSettings
 
 INCEPTION_SCORE_SPLITS = 10
-
-
-class LabelMode(str, enum.Enum):
-    """Class labels of conditional samples: ``i % C`` (every class equally often) or uniform draws."""
-
-    BALANCED = "balanced"
-    RANDOM = "random"
 
 
 def sample_labels(num_samples: int, num_classes: Optional[int], mode: LabelMode | str, seed: int) -> Optional[Tensor]:

@@ -9,6 +9,7 @@ here, with the field named, before a model or a data set is loaded.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -18,7 +19,13 @@ from ..distributed import process_group_ready
 from ..sampling import OdeMethod
 from ..validation import check_integer, check_number, parse_enum
 from .features import Metric, PathLike, require_classifier
-from .protocol import LabelMode
+
+
+class LabelMode(str, enum.Enum):
+    """Class labels of conditional samples: ``i % C`` (every class equally often) or uniform draws."""
+
+    BALANCED = "balanced"
+    RANDOM = "random"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,7 +7,7 @@ policy (:class:`TrainStep`) and the checkpoint state (:mod:`meanflow.train.state
 """
 
 from .ema import EMA, ema_name
-from .loop import TrainResult, Trainer, train
+from .loop import Trainer, TrainResult, train
 from .schedule import build_schedule, lr_factor
 from .signals import StopRequest
 from .step import NonFinitePolicy, StepOutcome, TrainStep

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..fingerprints import state_fingerprint
-
-from .common import PathLike, check_positive_int
+from .fingerprints import state_fingerprint
+from .validation import PathLike, check_integer
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import AutoencoderKL
@@ -232,7 +231,7 @@ def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 16) -> Ten
     Returns:
         (B, 3, H, W) float32 in [-1, 1] on the latents' device; H = h * f (f = 8 for the SD-VAE).
     """
-    check_positive_int("batch_size", batch_size)
+    check_integer("batch_size", batch_size)
     if latents.dim() != 4:
         raise ValueError(f"decode_latents expects latents (B, C, h, w), got shape {tuple(latents.shape)}")
     device, dtype = _module_placement(vae)

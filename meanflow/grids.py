@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, Union
+from typing import BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..io import write_bytes_atomic
-from ..pixels import to_uint8
-
-PathLike = Union[str, "os.PathLike[str]"]
+from .io import write_bytes_atomic
+from .pixels import to_uint8
+from .validation import PathLike
 
 
 def image_grid_array(
