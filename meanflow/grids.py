@@ -152,7 +152,7 @@ def save_scatter(
             "save_scatter needs matplotlib; install it with `pip install matplotlib` or `pip install meanflow[all]`"
         ) from error
 
-    figure = Figure(figsize=(4.0, 4.0), dpi=100)
+    figure = Figure(figsize=(5.12, 5.12), dpi=100)  # 512 x 512 pixels, as large as the smallest image grid
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     # Small markers: a few thousand points should read as a density, not as blobs.

@@ -138,3 +138,20 @@ def test_loading_for_sampling_reads_no_optimizer_state_and_checks_the_format(dig
     (step / "run.json").write_text(json.dumps(dict(record, format_version=99)))
     with pytest.raises(ValueError, match="format version 99; this version of meanflow reads versions"):
         load_model(copy)
+
+
+def test_the_training_grids_of_small_images_are_upscaled_to_a_readable_size(digits_run):
+    grids = sorted((digits_run / "samples").glob("step*_nfe1.png"))
+    assert grids, "the run writes a grid at its end"
+    with Image.open(grids[-1]) as grid:
+        assert grid.width >= MIN_GRID_PIXELS  # 20 8x8 digits upscaled by nearest neighbour, not 52 pixels wide
+    pixels = np.asarray(Image.open(grids[-1]))
+    factor = ((pixels.shape[1] - 2) // 10 - 2) // 8  # 10 per row (a class per column), 2-pixel padding
+    first = pixels[2:2 + 8 * factor, 2:2 + 8 * factor]  # the first digit, upscaled
+    assert factor > 1 and (first == first[::factor, ::factor].repeat(factor, 0).repeat(factor, 1)).all()
+
+
+def test_long_sampling_shows_progress(digits_run, capsys, tmp_path):
+    assert main(["sample", "--checkpoint", str(digits_run), "--num-samples", "6", "--batch-size", "2",
+                 "--output", str(tmp_path / "p.npz")]) == 0
+    assert "3/3" in capsys.readouterr().err  # one update per batch

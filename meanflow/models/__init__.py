@@ -1,32 +1,32 @@
-"""Average-velocity networks ``u(z, r, t, y)`` and a registry that builds them from plain data.
+"""Average-velocity networks ``u(z, r, t, conditions)`` and a registry that builds them from plain data.
 
 A model is described by ``(architecture, options)``: the architecture's name and the keyword
-arguments of its config dataclass. That pair is what configs and checkpoints store (JSON).
+arguments of its config dataclass. That pair is what configs and run records store (JSON).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from torch import nn
 
 from .mlp import MLP, MLPConfig
 
-ARCHITECTURES = ("mlp", "dit", "unet")
+# name -> (module, config class, model class); modules are imported when first asked for.
+ARCHITECTURES: dict[str, tuple[str, str, str]] = {
+    "mlp": ("meanflow.models.mlp", "MLPConfig", "MLP"),
+    "dit": ("meanflow.models.dit", "DiTConfig", "DiT"),
+    "unet": ("meanflow.models.unet", "UNetConfig", "UNet"),
+}
 
 
-def _classes(architecture: str):
-    if architecture == "mlp":
-        return MLPConfig, MLP
-    if architecture == "dit":
-        from .dit import DiT, DiTConfig
-
-        return DiTConfig, DiT
-    if architecture == "unet":
-        from .unet import UNet, UNetConfig
-
-        return UNetConfig, UNet
-    raise ValueError(f"unknown architecture {architecture!r}; valid architectures are {list(ARCHITECTURES)}")
+def _classes(architecture: str) -> tuple[type, type]:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; valid architectures are {list(ARCHITECTURES)}")
+    module_name, config_name, model_name = ARCHITECTURES[architecture]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, model_name)
 
 
 def model_config(architecture: str, options: dict[str, Any]):

@@ -1,4 +1,4 @@
-"""A diffusion transformer (DiT) that predicts the average velocity u(z_t, r, t, y).
+"""A diffusion transformer (DiT) that predicts the average velocity u(z_t, r, t, conditions).
 
 The network cuts the latent into patches, runs a stack of transformer blocks whose LayerNorms are
 modulated by the conditioning vector (adaLN-Zero), and reassembles the patches. The conditioning
