@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .validation import check_bool, check_choice, check_known_keys, check_positive
+from .validation import check_choice, check_integer, check_known_keys, check_number, check_positive, parse_bool
 
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -69,10 +69,10 @@ class DataConfig:
             from .toys import ToyDistribution
 
             _choice("data", "toy", self.toy, [d.value for d in ToyDistribution])
-        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 1):
-            _fail("data", "resolution", f"must be a positive integer or null, got {self.resolution!r}")
+        if self.resolution is not None:
+            check_integer("data.resolution", self.resolution)
         for name in ("horizontal_flip", "class_conditional", "skip_corrupt"):
-            check_bool(f"data.{name}", getattr(self, name))
+            setattr(self, name, parse_bool(f"data.{name}", getattr(self, name)))
         if self.path is not None and self.name in ("digits", "toy"):
             _fail("data", "path", f"is not read by data.name={self.name!r} (it is built in); remove data.path, or "
                                   "pick a data set read from disk: 'mnist', 'fashion-mnist', 'cifar10', 'folder', "
@@ -167,6 +167,7 @@ def translate_legacy_objective(method: str, flat: dict[str, Any]) -> dict[str, A
 
 
 LR_DECAYS = ("constant", "cosine")
+MAX_LR = 1.0
 
 
 @dataclass
@@ -186,12 +187,16 @@ class OptimConfig:
     decay: str = "constant"
 
     def __post_init__(self) -> None:
+        # AdamW's update is lr * m / sqrt(v): above 1 the first step already moves every weight by
+        # more than its scale, and near 1e38 the float32 update overflows.
+        check_number("optim.lr", self.lr, 0.0, MAX_LR, low_open=True)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            _fail("optim", "betas", f"must be two numbers in [0, 1), got {self.betas!r}")
+        for index, beta in enumerate(self.betas):
+            check_number(f"optim.betas[{index}]", beta, 0.0, 1.0, high_open=True)
         self.betas = tuple(self.betas)
-        _positive("optim", "lr", self.lr)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            _fail("optim", "betas", f"must be two numbers in [0, 1), got {self.betas}")
         _positive("optim", "weight_decay", self.weight_decay, allow_zero=True)
-        _positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        check_integer("optim.warmup_steps", self.warmup_steps, minimum=0)
         if self.grad_clip is not None:
             _positive("optim", "grad_clip", self.grad_clip)
         _choice("optim", "decay", self.decay, LR_DECAYS)
@@ -212,6 +217,9 @@ class TrainingConfig:
     parallel: under torchrun, 'ddp' (a full replica per process) or 'fsdp' (FSDP2: parameters,
         gradients, optimizer state and EMA sharded across processes, for models too large for one
         device; checkpoints are gathered to full tensors, so either mode resumes the other's).
+    allow_changed_config: resume a run whose settings differ from this config (listed when
+        refused); the new settings then apply from the resumed step (a new ``optim.lr`` included).
+        Settings that change nothing but the run's length, logs and files never need it.
     """
 
     steps: int = 1000
@@ -234,32 +242,33 @@ class TrainingConfig:
     compile: Optional[str] = None
     tf32: bool = True
     parallel: str = "ddp"
+    allow_changed_config: bool = False
 
     def __post_init__(self) -> None:
         s = "training"
-        self.ema_decays = tuple(float(d) for d in self.ema_decays)
-        self.grid_steps = tuple(int(k) for k in self.grid_steps)
         for name in ("steps", "batch_size", "ema_period", "log_every", "checkpoint_every", "keep_checkpoints",
                      "grid_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(s, name, f"must be a positive integer, got {value!r}")
-        if not isinstance(self.sample_every, int) or self.sample_every < 0:
-            _fail(s, "sample_every", f"must be a non-negative integer (0 = only at the end), got {self.sample_every!r}")
-        if not self.ema_decays or not all(0.0 < d < 1.0 for d in self.ema_decays):
-            _fail(s, "ema_decays", f"must be one or more numbers in (0, 1), got {self.ema_decays}")
-        if not self.grid_steps or min(self.grid_steps) < 1:
-            _fail(s, "grid_steps", f"must be one or more positive step counts, got {self.grid_steps}")
+            check_integer(f"training.{name}", getattr(self, name))
+        check_integer("training.seed", self.seed, minimum=0)
+        check_integer("training.sample_every", self.sample_every, minimum=0)
+        if not isinstance(self.ema_decays, (list, tuple)) or not self.ema_decays:
+            _fail(s, "ema_decays", f"must be one or more numbers in (0, 1), got {self.ema_decays!r}")
+        for decay in self.ema_decays:
+            check_number("training.ema_decays", decay, 0.0, 1.0, low_open=True, high_open=True)
+        self.ema_decays = tuple(float(d) for d in self.ema_decays)
+        if not isinstance(self.grid_steps, (list, tuple)) or not self.grid_steps:
+            _fail(s, "grid_steps", f"must be one or more positive step counts, got {self.grid_steps!r}")
+        for steps in self.grid_steps:
+            check_integer("training.grid_steps", steps)
+        self.grid_steps = tuple(self.grid_steps)
         _choice(s, "precision", self.precision, PRECISIONS)
         _choice(s, "on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         _choice(s, "parallel", self.parallel, ("ddp", "fsdp"))
-        if not isinstance(self.max_consecutive_skips, int) or self.max_consecutive_skips < 1:
-            _fail(s, "max_consecutive_skips", f"must be a positive integer, got {self.max_consecutive_skips!r}")
-        if not isinstance(self.milestone_every, int) or self.milestone_every < 0:
-            _fail(s, "milestone_every", f"must be a non-negative integer (0 = none), got {self.milestone_every!r}")
+        check_integer("training.max_consecutive_skips", self.max_consecutive_skips)
+        check_integer("training.milestone_every", self.milestone_every, minimum=0)
         _choice(s, "device", self.device, DEVICES)
-        for name in ("tensorboard", "tf32"):
-            check_bool(f"training.{name}", getattr(self, name))
+        for name in ("tensorboard", "tf32", "allow_changed_config"):
+            setattr(self, name, parse_bool(f"training.{name}", getattr(self, name)))
 
 
 SECTIONS = {
@@ -293,11 +302,12 @@ class Config:
             raise ValueError(f"a config must be a JSON object with the sections {sorted(SECTIONS)}; "
                              f"got a {type(data).__name__}")
         check_known_keys("config sections", data, [*SECTIONS, "note"])
+        for name in SECTIONS:
+            if not isinstance(data.get(name, {}), dict):
+                raise ValueError(f"config section {name!r} must be a JSON object of fields, got {data[name]!r}")
         sections = {}
         for name, section_class in SECTIONS.items():
             values = data.get(name, {})
-            if not isinstance(values, dict):
-                raise ValueError(f"config section {name!r} must be a JSON object of fields, got {values!r}")
             if section_class is ObjectiveConfig:
                 sections[name] = ObjectiveConfig.from_dict(values)
                 continue
@@ -313,10 +323,14 @@ class Config:
     @classmethod
     def load(cls, path: str | Path) -> "Config":
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a folder; give the JSON file (a run's config.json)")
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {path} is not a text (JSON) file") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"config file {path} is not valid JSON: {error}") from None
         return cls.from_dict(data)

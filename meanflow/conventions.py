@@ -81,6 +81,8 @@ def check_times(r: Tensor, t: Tensor, batch_size: int) -> None:
     for name, value in (("r", r), ("t", t)):
         if value.shape != (batch_size,):
             raise ValueError(f"{name} must have shape ({batch_size},), got {tuple(value.shape)}")
+    if not bool(torch.isfinite(r).all() and torch.isfinite(t).all()):
+        raise ValueError("times must be finite numbers in [0, 1]; got NaN or infinity")
     if bool((r > t).any()):
         raise ValueError("times must satisfy r <= t for every sample (time runs from data at 0 to noise at 1)")
     if bool((r < 0).any()) or bool((t > 1).any()):

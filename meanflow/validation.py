@@ -33,9 +33,8 @@ def is_number(value: Any) -> bool:
 def check_number(field: str, value: Any, low: float = -math.inf, high: float = math.inf,
                  low_open: bool = False, high_open: bool = False) -> None:
     """A finite number in the interval [low, high] (ends excluded where ``*_open``)."""
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if not is_number(value) or too_low or too_high:
+    if not is_number(value) or (value <= low if low_open else value < low) or \
+            (value >= high if high_open else value > high):
         left, right = "(" if low_open else "[", ")" if high_open else "]"
         raise ValueError(f"{field} must be a finite number in {left}{low:g}, {high:g}{right}; got {value!r}")
 
@@ -62,6 +61,21 @@ def check_bool(field: str, value: Any) -> None:
     """True or False, not a string such as "False" (which Python would read as true)."""
     if not isinstance(value, bool):
         raise ValueError(f"{field} must be true or false; got {value!r}")
+
+
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def parse_bool(field: str, value: Any) -> bool:
+    """A boolean from True / False, 1 / 0, or the words true / false / 1 / 0 (any case); anything
+    else is refused (a string "False" must never be read as true)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    raise ValueError(f"{field} must be true or false (also 1 / 0); got {value!r}")
 
 
 def check_choice(field: str, value: Any, valid: Iterable[Any]) -> None:

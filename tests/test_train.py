@@ -182,3 +182,27 @@ def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
     trainer.train_step = step
     trainer.run()
     assert per_step == [1] * 12
+
+
+def test_resuming_with_other_settings_is_refused_unless_allowed_and_then_the_new_lr_applies(tmp_path):
+    from meanflow.presets import preset
+
+    base = ["training.steps=4", "training.batch_size=32", "training.checkpoint_every=2", "training.grid_steps=[1]",
+            "training.grid_samples=16", "model.options.hidden_size=16", "model.options.depth=2",
+            "optim.warmup_steps=0"]
+    config = preset("toy-checkerboard").with_overrides(base)
+    train(config, tmp_path, progress=False, max_steps=2)
+    longer = config.with_overrides(["training.steps=6", "training.log_every=1"])  # length and logs: free
+    changed = config.with_overrides(["optim.lr=0.01", "training.batch_size=16"])
+    with pytest.raises(ValueError, match=r"other settings[\s\S]*optim.lr: 0.001 -> 0.01[\s\S]*"
+                                         r"training.batch_size: 32 -> 16[\s\S]*training.allow_changed_config=true"):
+        train(changed, tmp_path, progress=False)
+    allowed = config.with_overrides(["optim.lr=0.01", "training.allow_changed_config=true"])
+    from meanflow.train.loop import Trainer
+
+    trainer = Trainer(allowed, tmp_path, progress=False)
+    trainer.resume()
+    assert trainer.state.step == 2
+    assert [group["lr"] for group in trainer.state.optimizer.param_groups] == [0.01]  # the new rate, not the old
+    del trainer
+    assert train(longer, tmp_path, progress=False).step == 6

@@ -32,13 +32,20 @@ def _classes(architecture: str) -> tuple[type, type]:
 def model_config(architecture: str, options: dict[str, Any]):
     """The validated config dataclass of ``architecture`` built from ``options``."""
     config_class, _ = _classes(architecture)
-    return config_class.from_dict(dict(options))
+    if not isinstance(options, dict):
+        raise ValueError(f"model.options must be a JSON object of {config_class.__name__} fields, got {options!r}")
+    try:
+        return config_class.from_dict(dict(options))
+    except TypeError as error:  # a required field is missing
+        missing = str(error).split("missing", 1)[-1].strip()
+        raise ValueError(f"model.options for architecture {architecture!r} lacks {missing}") \
+            from None
 
 
 def build_model(architecture: str, options: dict[str, Any]) -> nn.Module:
     """Instantiate a model from its architecture name and config options."""
-    config_class, model_class = _classes(architecture)
-    return model_class(config_class.from_dict(dict(options)))
+    _, model_class = _classes(architecture)
+    return model_class(model_config(architecture, options))
 
 
 __all__ = ["ARCHITECTURES", "MLP", "MLPConfig", "build_model", "model_config"]

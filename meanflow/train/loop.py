@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +30,8 @@ from ..distributed import Distributed, gather_state, init_distributed, shard_mod
 from ..models import build_model
 from ..objectives import build_objective
 from ..progress import Progress
-from ..run_record import RUN_FILE, build_record
+from ..run_record import RUN_FILE, RunRecord, build_record
+from .config_changes import apply_optimizer_settings, check_resume
 from .ema import EMA
 from .logging import MetricsLog, memory_mib
 from .metrics import MetricWindow
@@ -150,7 +152,12 @@ class Trainer:
         """Continue from the newest checkpoint of this run folder, if there is one."""
         path = latest_checkpoint(self.checkpoints)
         if path is not None:
+            changes = check_resume(RunRecord.load(path).config, self.config)
             restore_state(self.state, self.dist, path)
+            if changes:  # allowed by training.allow_changed_config: the new settings apply from here
+                apply_optimizer_settings(self.state.optimizer, self.state.schedule, self.config.optim)
+                if self.dist.is_main:
+                    print(f"resuming with changed settings: {'; '.join(changes)}", file=sys.stderr, flush=True)
         return path
 
     def save(self) -> Optional[Path]:
