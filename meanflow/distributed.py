@@ -8,6 +8,8 @@ this module (neither imports the other), so each collective helper exists once:
   the loops need (sum, mean, "any rank", gather of small objects);
 - :func:`shard_range`, :func:`all_true`, :func:`process_group_ready`: the same for code that is
   handed a bare ``(rank, world_size)`` pair;
+- :func:`resolve_device`: the one check of a device name (``--device``, ``training.device``)
+  against the devices this machine has, used by training, sampling, evaluation and encoding;
 - FSDP2 helpers: :func:`shard_model`, :func:`shard_like`, and :func:`gather_to_main` /
   :func:`gather_state`, which gather sharded tensors one at a time and keep the full copy on
   rank 0 only (a whole XL/2 model, EMA and optimizer state is about 10 GB per copy).
@@ -113,20 +115,86 @@ def _as_scalar(value: Union[float, Tensor], device: torch.device) -> Tensor:
     return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
-def init_distributed(device_name: str) -> Distributed:
-    """Join the process group when launched by torchrun; pick this process's device."""
+def available_devices() -> list[str]:
+    """The device names :func:`resolve_device` accepts on this machine, for messages."""
+    names = ["auto", "cpu"]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
+        names += ["cuda", "cuda:0"] if count == 1 else ["cuda", f"cuda:0 .. cuda:{count - 1}"]
+    if _mps_available():
+        names.append("mps")
+    return names
+
+
+def resolve_device(name: Union[str, torch.device], setting: str = "device") -> torch.device:
+    """The device ``name`` names, checked against what this machine has (before any work starts).
+
+    'auto' is the GPU when CUDA sees one, else the CPU; 'cpu'; 'cuda' (no index: the current
+    GPU, or under torchrun each process's LOCAL_RANK GPU, see :func:`init_distributed`);
+    'cuda:N' with N below the number of GPUs; 'mps' where PyTorch has it. ``setting`` names the
+    option in messages (``--device``, ``training.device``).
+
+    Raises:
+        DeviceUnavailableError (a ValueError): not a device name, or one this machine lacks;
+            the message lists the devices it has.
+    """
+    from .errors import DeviceUnavailableError
+
+    text = str(name).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid = f"valid devices here: {', '.join(available_devices())}"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise DeviceUnavailableError(f"{setting} {str(name)!r} is not a device; {valid}") from None
+    if device.type == "cpu" and device.index in (None, 0):
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
+                   else "PyTorch sees no GPU: check the driver and CUDA_VISIBLE_DEVICES")
+            raise DeviceUnavailableError(f"{setting} {str(name)!r}: no CUDA device is available ({why}); {valid}")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceUnavailableError(f"{setting} {str(name)!r}: this machine has {count} CUDA "
+                                         f"device{'s' if count != 1 else ''}; {valid}")
+        return device
+    if device.type == "mps" and device.index in (None, 0) and _mps_available():
+        return torch.device("mps")
+    raise DeviceUnavailableError(f"{setting} {str(name)!r} is not available on this machine; {valid}")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return backend is not None and backend.is_available()
+
+
+def init_distributed(device_name: Union[str, torch.device], setting: str = "training.device") -> Distributed:
+    """Join the process group when launched by torchrun; pick this process's device.
+
+    ``device_name`` is checked by :func:`resolve_device` (``setting`` names it in messages).
+    Under torchrun 'cuda' means each process's LOCAL_RANK GPU, and a GPU index is refused (every
+    process would take the same GPU).
+    """
+    from .errors import DeviceUnavailableError
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("training.device is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(device_name, setting)
+    if device.type == "cuda":
+        if device.index is not None and world_size > 1:
+            raise DeviceUnavailableError(f"under torchrun give {setting} cuda (each process takes its LOCAL_RANK "
+                                         f"GPU), not {device}")
+        if device.index is None:
+            count = torch.cuda.device_count()
+            if local_rank >= count:
+                raise DeviceUnavailableError(f"{setting} 'cuda': process LOCAL_RANK={local_rank} needs GPU "
+                                             f"{local_rank} but this machine has {count}; start at most {count} "
+                                             "processes per machine (torchrun --nproc_per_node)")
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Distributed(rank, world_size, local_rank, device)
@@ -191,5 +259,6 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-__all__ = ["Distributed", "all_true", "gather_state", "gather_to_main", "init_distributed", "is_sharded",
-           "process_group_ready", "shard_like", "shard_model", "shard_range", "shutdown"]
+__all__ = ["Distributed", "all_true", "available_devices", "gather_state", "gather_to_main", "init_distributed",
+           "is_sharded", "process_group_ready", "resolve_device", "shard_like", "shard_model", "shard_range",
+           "shutdown"]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .checkpoint import check_compatible, load_weights
 from .conventions import null_class_id
+from .distributed import resolve_device
 from .encoders import Encoder
 from .noise import sample_noise
 from .progress import Progress
@@ -52,7 +53,10 @@ def load_model(path: str | Path, weights: Optional[str] = None, device: str | to
     """Rebuild the model stored in a checkpoint (a ``step_<n>`` folder or a run folder).
 
     ``weights`` names an EMA copy (``ema_0.9999``...) or ``raw``; the default is the first EMA.
+    ``device`` is checked against the devices this machine has before anything is read
+    (:func:`meanflow.distributed.resolve_device`).
     """
+    device = resolve_device(device, "device")
     folder, raw, ema, trainer = load_weights(Path(path))
     record = RunRecord.load(folder)
     model = record.build_model()
@@ -100,6 +104,10 @@ def generate(
     the samples do not depend on the batch size or the device, and equal those of
     ``meanflow eval`` for the same seed. ``sampler`` is how the network is sampled (default:
     average-velocity steps, Eq. 3; a loaded model's own is ``LoadedModel.sampler``).
+
+    ``labels`` (num_samples,) integers are class ids 0..C-1, or C (the null class, unconditional
+    samples of a model trained with class dropout); with ``num_classes`` given they are checked
+    against it, and any negative label is refused.
     """
     from .samplers import AverageVelocitySampler
 
@@ -107,6 +115,9 @@ def generate(
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    device = resolve_device(device, "device")
+    if labels is not None:
+        _check_labels(labels, num_samples, num_classes)
     sampler = sampler or AverageVelocitySampler()
     null = null_class_id(num_classes) if num_classes is not None else None
     chunks = []
@@ -123,3 +134,21 @@ def generate(
     finally:
         bar.close()
     return torch.cat(chunks)
+
+
+def _check_labels(labels: Tensor, num_samples: int, num_classes: Optional[int]) -> None:
+    """(num_samples,) integer class ids in [0, C] (C: the null class), or a ValueError saying which are not."""
+    if not isinstance(labels, Tensor) or labels.dtype == torch.bool or labels.is_floating_point() \
+            or labels.is_complex():
+        raise ValueError(f"labels must be a tensor of integer class ids, got "
+                         f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}")
+    if tuple(labels.shape) != (num_samples,):
+        raise ValueError(f"labels must have shape ({num_samples},), one per sample, got {tuple(labels.shape)}")
+    if num_samples == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise ValueError(f"labels must be class ids >= 0, found {low}")
+    if num_classes is not None and high > null_class_id(num_classes):
+        raise ValueError(f"labels must be class ids in [0, {num_classes - 1}] (or {null_class_id(num_classes)}, the "
+                         f"null class, for unconditional samples); found {high}")

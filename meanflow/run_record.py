@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from .checkpoint import read_json_object
 from .encoders import Encoder, LatentEncoder, PixelEncoder, PointEncoder, encoder_from_dict
 from .samplers import Sampler, sampler_from_dict
 
@@ -86,11 +87,9 @@ class RunRecord:
     @classmethod
     def from_dict(cls, data: Any, source: str = "run record") -> "RunRecord":
         if not isinstance(data, dict):
-            raise ValueError(f"{source} is not a JSON object")
+            raise ValueError(f"{source} is not a JSON object: it is not a run record")
         check_version(data.get("format_version"), source)
-        missing = [key for key in ("config", "model", "encoder", "objective", "sampler") if key not in data]
-        if missing:
-            raise ValueError(f"{source} lacks {missing}: it is not a complete run record")
+        _check_entries(data, source)
         names = data.get("class_names")
         return cls(config=data["config"], model=data["model"], encoder=data["encoder"], objective=data["objective"],
                    sampler=data["sampler"], num_classes=data.get("num_classes"),
@@ -103,13 +102,13 @@ class RunRecord:
         checkpoint = Path(checkpoint)
         path = checkpoint / RUN_FILE
         if path.is_file():
-            return cls.from_dict(_read_json(path), str(path))
+            return cls.from_dict(_read_json(path, "run record"), str(path))
         trainer = checkpoint / "trainer.json"
         if trainer.is_file():
-            data = _read_json(trainer)
+            data = _read_json(trainer, "trainer state")
             check_version(data.get("format_version", 1), str(trainer))
             if data.get("format_version", 1) == 1:
-                return record_from_format_1(data)
+                return record_from_format_1(data, str(trainer))
         raise ValueError(f"{checkpoint} holds no {RUN_FILE}: it is not a checkpoint folder of this library")
 
 
@@ -129,9 +128,16 @@ def check_version(version: Any, source: str) -> None:
                          f"{list(KNOWN_VERSIONS)}. Upgrade meanflow to read it")
 
 
-def record_from_format_1(trainer: dict) -> RunRecord:
+def record_from_format_1(trainer: dict, source: str = "trainer.json") -> RunRecord:
     """The one translation of a format-1 checkpoint (config and ``data_info`` in trainer.json)."""
     import warnings
+
+    missing = [key for key in ("config", "model", "data_info") if key not in trainer]
+    missing += [f"data_info.{key}" for key in ("sample_shape", "kind", "num_classes")
+                if isinstance(trainer.get("data_info"), dict) and key not in trainer["data_info"]]
+    if missing:
+        raise ValueError(f"{source} lacks {missing} and the folder holds no {RUN_FILE}: it is not a complete "
+                         f"checkpoint. {_DAMAGED}")
 
     from .config import Config
     from .objectives import objective_class
@@ -153,8 +159,26 @@ def record_from_format_1(trainer: dict) -> RunRecord:
                      ema_names=tuple(trainer.get("ema_names", ())), format_version=1)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): the checkpoint is damaged") from None
+_DAMAGED = ("The checkpoint is damaged (a copy or write cut short?): copy it again from where it came from, or use "
+            "another checkpoint of the run (each step_<n> folder holds its own record)")
+# Each entry a reader rebuilds from, with the fields it cannot do without.
+_ENTRIES = {"config": (), "model": ("architecture", "options"), "encoder": ("name",), "objective": ("method",),
+            "sampler": ("name",)}
+
+
+def _check_entries(data: dict, source: str) -> None:
+    """Refuse a record without the entries (or their fields) that rebuilding a run needs."""
+    missing = [key for key in _ENTRIES if key not in data]
+    if missing:
+        raise ValueError(f"{source} lacks {missing}: it is not a complete run record. {_DAMAGED}")
+    for key, fields in _ENTRIES.items():
+        if not isinstance(data[key], dict):
+            raise ValueError(f"{source}: {key!r} is a JSON {type(data[key]).__name__}, not an object. {_DAMAGED}")
+        absent = [name for name in fields if name not in data[key]]
+        if absent:
+            raise ValueError(f"{source}: {key!r} lacks {absent}: it is not a complete run record. {_DAMAGED}")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object file of a checkpoint; missing, empty, corrupt or not an object: a ValueError."""
+    return read_json_object(path, what)

@@ -172,8 +172,9 @@ def _vae_unavailable_message(name: str, is_local: bool, error: Exception) -> str
         f"{str(error).rstrip('.')}. On a machine with internet access, download them once into a folder "
         f"(`hf download {name} --local-dir FOLDER`, or "
         f"AutoencoderKL.from_pretrained('{name}').save_pretrained(FOLDER)), copy the folder here (it holds "
-        f"{_VAE_FILES}) and pass it as `--vae FOLDER` on the command line or data.vae=FOLDER in the "
-        "configuration; or copy the hub cache here and set HF_HUB_OFFLINE=1."
+        f"{_VAE_FILES}) and pass it as --vae FOLDER (meanflow encode / eval) or --set data.vae=FOLDER "
+        "(meanflow train; Python: data.vae=FOLDER in the configuration); or copy the hub cache here and set "
+        "HF_HUB_OFFLINE=1."
     )
 
 

@@ -24,7 +24,7 @@ def test_dry_run_prints_the_resolved_configuration():
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--preset", "imagenet"], "unknown preset 'imagenet'; valid presets are"),
-    (["train", "--preset", "digits", "--set", "optim.lr=-1", "--dry-run"], "optim.lr must be a finite number > 0; got -1"),
+    (["train", "--preset", "digits", "--set", "optim.lr=-1", "--dry-run"], "optim.lr must be a finite number in (0, 1]; got -1"),
     (["train", "--preset", "digits", "--set", "objective.meanflow.fraction_r_neq_t=2", "--dry-run"], "fraction_r_neq_t must be a finite number in [0, 1]"),
     (["train", "--preset", "digits", "--set", "objective.meanflow.t_min=0.9", "--set", "objective.meanflow.t_max=0.1", "--dry-run"],
      "t_min <= t_max"),
@@ -63,7 +63,8 @@ def user_mistakes(tmp_path):
          "override 'trainer.steps=3': the key must be section.field"),
         (["train", "--preset", "digits", "--set", "steps", "--dry-run"], "override 'steps' must look like"),
         (["train", "--preset", "digits", "--config", "run.json"], "give exactly one of --preset NAME or --config"),
-        (["train", "--config", str(tmp_path), "--dry-run"], f"meanflow train: error: {tmp_path}: Is a directory"),
+        (["train", "--config", str(tmp_path), "--dry-run"],
+         f"meanflow train: error: config file {tmp_path} is a folder; give the JSON file (a run's config.json)"),
         (["train", "--config", str(a_file / "config.json")], f"{a_file / 'config.json'}: Not a directory"),
         (["train", "--config", str(tmp_path / "missing.json")], "does not exist"),
         (["sample", "--checkpoint", str(empty)], f"meanflow sample: error: no checkpoint at {empty}"),
@@ -138,7 +139,7 @@ def test_help_and_a_missing_command_return_without_raising(capsys):
 def test_a_mistake_in_a_real_process_prints_no_traceback(tmp_path):
     done = run("train", "--config", str(tmp_path), "--dry-run")
     assert done.returncode == 2
-    assert done.stderr == f"meanflow train: error: {tmp_path}: Is a directory\n"
+    assert done.stderr == f"meanflow train: error: config file {tmp_path} is a folder; give the JSON file (a run's config.json)\n"
     done = run("sample", "--checkpoint", str(tmp_path), "--num-samples", "0")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().endswith("meanflow sample: error: argument --num-samples: must be >= 1, got 0")

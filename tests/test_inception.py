@@ -1,11 +1,14 @@
 """The TF-FID Inception-v3 wrapper with random weights, and IS / precision-recall closed forms.
 
 The real weights cannot be downloaded here, so the real architecture (torch-fidelity's network
-class) is loaded from a file of random tensors: every path but the numbers of the weights is the
-one used for real FID. The file is written once per module; few images keep this file fast.
+class) is loaded from a file of random tensors laid out as the official file is (a plain dict of
+the conv, batch-norm and fc tensors, no ``num_batches_tracked``): every path but the numbers of
+the weights is the one used for real FID. The file is written once per module; few images keep
+this file fast. Malicious files (pickles that would run code) are tested in test_no_pickle.py.
 """
 
 import importlib.util
+import shutil
 import urllib.error
 
 import numpy as np
@@ -25,9 +28,11 @@ from meanflow.eval.inception import (  # noqa: E402
     InceptionFeatureExtractor,
     InceptionScoreStatistics,
     InceptionWeightsUnavailable,
+    default_weights_path,
     images_to_uint8_rgb,
     inception_score,
     precision_recall,
+    untrained_inception_network,
 )
 from meanflow.fingerprints import state_fingerprint  # noqa: E402
 
@@ -39,33 +44,38 @@ def library():
         pytest.skip("torch-fidelity is not installed")
 
 
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """A state dict of random tensors for torch-fidelity's Inception-v3, saved as a .pth file.
+def official_layout():
+    """{name: (shape, dtype)} of the official file: the network's state dict without the
+    batch-norm counters (torch-fidelity's converter writes conv, batch-norm and fc tensors only)."""
+    library()
+    return {key: (value.shape, value.dtype) for key, value in untrained_inception_network().state_dict().items()
+            if not key.endswith("num_batches_tracked")}
+
+
+def random_state(seed=0):
+    """Random tensors in the official layout.
 
     He-normal convolutions and identity batch norms keep activations at a sane scale through
     the ~100 layers, so the features are far from zero and differences between inputs show.
     """
-    network_class = library().FeatureExtractorInceptionV3
-    with pytest.MonkeyPatch.context() as patch:
-        # Build the bare architecture once to learn the parameter names and shapes.
-        patch.setattr(network_class, "load_state_dict", lambda self, state, strict=True: None)
-        patch.setattr(library(), "load_state_dict_from_url", lambda *args, **kwargs: {})
-        shapes = {key: value.shape for key, value in network_class("probe", ["2048"]).state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     state = {}
-    for key, shape in shapes.items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros((), dtype=torch.long)
-        elif key.endswith("running_var") or key.endswith("bn.weight"):
-            state[key] = torch.ones(shape)
-        elif key.endswith("running_mean") or key.endswith("bn.bias") or key == "fc.bias":
-            state[key] = torch.zeros(shape)
+    for key, (shape, dtype) in official_layout().items():
+        if key.endswith(("running_var", "bn.weight")):
+            state[key] = torch.ones(shape, dtype=dtype)
+        elif key.endswith(("running_mean", "bn.bias")) or key == "fc.bias":
+            state[key] = torch.zeros(shape, dtype=dtype)
         else:  # conv and fc weights
             fan_in = int(np.prod(shape[1:]))
-            state[key] = torch.randn(shape, generator=generator) * (2.0 / fan_in) ** 0.5
+            state[key] = torch.randn(shape, generator=generator, dtype=dtype) * (2.0 / fan_in) ** 0.5
+    return state
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """The random state dict saved with torch.save of a plain dict, as the official file is."""
     path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save(state, path)
+    torch.save(random_state(), path)
     return path
 
 
@@ -74,9 +84,35 @@ def extractor(random_weights):
     return InceptionFeatureExtractor(weights_path=random_weights, batch_size=2)
 
 
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torch home: the default weights location is inside ``tmp_path``, and any download
+    attempt fails as it would offline (nothing in these tests reaches the network)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)  # a set_dir() elsewhere must not win
+    assert default_weights_path() == tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+    def offline(url, destination):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(inception, "_download_weights", offline)
+    return tmp_path / "torch"
+
+
 def random_images(count, channels=3, size=32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (count, channels, size, size), generator=generator, dtype=torch.uint8)
+
+
+def test_the_official_layout_loads_into_a_working_feature_extractor(extractor, random_weights):
+    # The random tensors are in the network; the counters the file lacks are the network's zeros.
+    stored = torch.load(random_weights, weights_only=True)
+    loaded = extractor.network.state_dict()
+    assert set(loaded) - set(stored) == {key for key in loaded if key.endswith("num_batches_tracked")}
+    assert all(torch.equal(loaded[key].cpu(), value) for key, value in stored.items())
+    assert not extractor.network.training
+    features = extractor(random_images(2))
+    assert features.shape == (2, 2048) and features.dtype == torch.float32
 
 
 def test_features_do_not_depend_on_input_type_channels_or_batching(extractor):
@@ -95,30 +131,87 @@ def test_features_do_not_depend_on_input_type_channels_or_batching(extractor):
     assert bool(torch.isfinite(features).all()) and bool(torch.isfinite(logits).all())
 
 
-def test_extractor_name_identifies_the_weights(extractor, random_weights):
+def test_extractor_name_identifies_the_weights(extractor, random_weights, tmp_path):
     assert extractor.name.startswith("inception-v3-tf2015-")
     stored = torch.load(random_weights, weights_only=True)
-    assert extractor.fingerprint == state_fingerprint(stored)
+    counters = {key: torch.zeros((), dtype=torch.long) for key in extractor.network.state_dict()
+                if key.endswith("num_batches_tracked")}
+    assert extractor.fingerprint == state_fingerprint({**stored, **counters})
+    # The same weights with the counters stored (a network's own state_dict saved) are the same weights.
+    torch.save({**stored, **counters}, tmp_path / "with_counters.pth")
+    assert InceptionFeatureExtractor(weights_path=tmp_path / "with_counters.pth").fingerprint == extractor.fingerprint
 
 
-def test_offline_failure_names_the_file_and_the_option(monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
+def test_the_default_location_is_read_by_the_same_safe_path(torch_home, random_weights, monkeypatch):
+    calls = []
+    load = torch.load
 
-    monkeypatch.setattr(library(), "load_state_dict_from_url", offline)
+    def recording(*args, **kwargs):  # every torch.load, torch-fidelity's included, passes through here
+        calls.append(kwargs.get("weights_only"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording)
+    default_weights_path().parent.mkdir(parents=True)
+    shutil.copy(random_weights, default_weights_path())
+    extractor = InceptionFeatureExtractor()
+    assert extractor.weights_path == default_weights_path() and calls == [True]
+    assert extractor.fingerprint == InceptionFeatureExtractor(weights_path=random_weights).fingerprint
+
+
+def test_a_download_lands_in_the_cache_and_is_read_like_a_local_file(torch_home, random_weights, monkeypatch):
+    urls = []
+
+    def download(url, destination):
+        urls.append(url)
+        shutil.copy(random_weights, destination)
+
+    monkeypatch.setattr(inception, "_download_weights", download)
+    destination = default_weights_path()
+    destination.parent.mkdir(parents=True)
+    extractor = InceptionFeatureExtractor()
+    assert urls == [library().URL_INCEPTION_V3] and urls[0].endswith(INCEPTION_WEIGHTS_FILE)
+    assert extractor.weights_path == destination and destination.is_file()
+
+
+def test_offline_failure_names_the_file_the_cache_folder_and_the_option(torch_home):
+    library()
     with pytest.raises(InceptionWeightsUnavailable) as raised:
         InceptionFeatureExtractor()
     message = str(raised.value)
     assert INCEPTION_WEIGHTS_FILE in message and "--inception-weights" in message
+    assert str(default_weights_path().parent) in message and "no network" in message
 
 
 def test_missing_or_wrong_weights_files_are_reported(tmp_path):
     library()
-    with pytest.raises(InceptionWeightsUnavailable, match="no Inception weights file"):
+    with pytest.raises(FileNotFoundError, match="no Inception weights file") as raised:
         InceptionFeatureExtractor(weights_path=tmp_path / "absent.pth")
-    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
-    with pytest.raises(ValueError, match="does not hold the TF-FID Inception-v3 weights"):
-        InceptionFeatureExtractor(weights_path=tmp_path / "wrong.pth")
+    assert "--inception-weights" in str(raised.value) and INCEPTION_WEIGHTS_FILE in str(raised.value)
+    state = random_state()
+    cases = {
+        "list": ([torch.zeros(3)], "holds a list, not a state dict"),
+        "numbers": ({"fc.weight": 1.0}, "not a name and a tensor"),
+        "few": ({"fc.weight": state["fc.weight"]}, "does not hold the TF-FID Inception-v3 weights"),
+        "extra": ({**state, "head.weight": torch.zeros(2)}, r"1 not in the network \(e.g. \['head.weight'\]\)"),
+        "shape": ({**state, "fc.bias": torch.zeros(1000)}, r"fc.bias: file \(1000,\)"),
+        "kind": ({**state, "fc.bias": torch.zeros(1008, dtype=torch.long)}, "of another shape or kind"),
+    }
+    for name, (content, message) in cases.items():
+        torch.save(content, tmp_path / f"{name}.pth")
+        with pytest.raises(ValueError, match=message):
+            InceptionFeatureExtractor(weights_path=tmp_path / f"{name}.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="no torch.save file of tensors") as raised:
+        InceptionFeatureExtractor(weights_path=tmp_path / "text.pth")
+    assert "weights_only" not in str(raised.value)
+
+
+def test_missing_tensors_are_named(tmp_path):
+    state = random_state()
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(state, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"1 missing \(e.g. \['Mixed_7c.branch_pool.conv.weight'\]\)"):
+        InceptionFeatureExtractor(weights_path=tmp_path / "short.pth")
 
 
 def test_image_conversion():

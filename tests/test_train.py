@@ -89,8 +89,11 @@ def test_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path):
 def test_resuming_with_another_architecture_is_refused(tmp_path):
     train(tiny_toy(10), tmp_path, progress=False)
     wider = tiny_toy(20).with_overrides(["model.options.hidden_size=48"])
+    with pytest.raises(ValueError, match=r"other settings[\s\S]*model.options.hidden_size"):
+        train(wider, tmp_path, progress=False)  # the config check names the change first
+    allowed = wider.with_overrides(["training.allow_changed_config=true"])
     with pytest.raises(ValueError, match="shape differences"):
-        train(wider, tmp_path, progress=False)
+        train(allowed, tmp_path, progress=False)  # and the weights themselves cannot be loaded
 
 
 def test_learning_rate_schedule_warms_up_then_stays_or_follows_a_half_cosine():

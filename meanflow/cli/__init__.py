@@ -21,26 +21,37 @@ from typing import Optional, Sequence
 
 # ``eval`` here is the command module (importing a submodule binds its name in this package).
 from . import demo, encode, eval, info, presets, sample, train  # noqa: A004
-from .common import run_command
+from .common import Parser, run_command
 
 # In the order ``meanflow --help`` lists them.
 COMMANDS = (train, sample, demo, encode, eval, info, presets)
 
 
+_DEBUG_HELP = "on an error, show its traceback too (also: MEANFLOW_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``meanflow`` parser with every command of :data:`COMMANDS` registered."""
-    parser = argparse.ArgumentParser(prog="meanflow", description="One-step generative modelling with MeanFlow.")
+    """The ``meanflow`` parser with every command of :data:`COMMANDS` registered.
+
+    ``--debug`` is global (``meanflow --debug train ...``) and also taken after the command.
+    """
+    parser = Parser(prog="meanflow", description="One-step generative modelling with MeanFlow.")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        command.add_parser(subparsers)
+        # SUPPRESS: a command's parser sets debug only when given, never resets the global flag.
+        command.add_parser(subparsers).add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                                    help=_DEBUG_HELP)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit code.
 
-    Never raises for a mistake of the user's: a bad argument returns 2 after argparse's usage
-    message, a bad value or path returns 2 after one ``error:`` line, and Ctrl-C returns 130.
+    Never raises for a mistake of the user's: a bad argument, value or path returns 2 after one
+    ``error:`` line (a bad argument adds a line pointing at ``--help``), a training run stopped
+    by its non-finite policy returns 1, and Ctrl-C returns 130; no traceback unless ``--debug``
+    (see :func:`meanflow.cli.common.run_command`).
     """
     parser = build_parser()
     try:

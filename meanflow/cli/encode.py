@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import positive_int
+from .common import check_output_folder, positive_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-flip", action="store_true", help="do not cache the moments of mirrored images")
     parser.add_argument("--shard-size", type=positive_int, default=1024, help="images per shard file (default 1024)")
     parser.add_argument("--skip-corrupt", action="store_true", help="skip unreadable image files instead of failing")
-    parser.add_argument("--device", default="cpu", help="where the VAE runs, e.g. cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", help="where the VAE runs: cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32", help="storage of the moments")
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -45,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.latent_format import MANIFEST_NAME
     from ..data.latent_writer import encode_image_folder
+    from ..distributed import resolve_device
 
+    # Checked before the VAE is read: the device and the output folder here, the images first
+    # thing in encode_image_folder.
+    device = str(resolve_device(args.device, "--device"))
+    check_output_folder(args.output, "--output")
     output = encode_image_folder(
         args.images,
         args.output,
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         flip=not args.no_flip,
         shard_size=args.shard_size,
         skip_corrupt=args.skip_corrupt,
-        device=args.device,
+        device=device,
         progress=not args.no_progress,
         storage_dtype=args.dtype,
         num_workers=args.workers,

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .common import positive_int
+from .common import check_output_file, check_output_folder, positive_int, seed
 from .eval_report import plot_sweep, print_summary, table_rows
 
 
@@ -54,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--inception-weights", help="local copy of weights-inception-2015-12-05-6726825d.pth "
                                                     "(for machines without internet)")
     parser.add_argument("--batch-size", type=positive_int, default=250, help="samples per batch (memory only)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0, help="sample i starts from noise seeded by (seed, i); >= 0")
     parser.add_argument("--label-mode", choices=["balanced", "random"], default="balanced",
                         help="labels of conditional samples: every class equally often, or uniform draws")
     parser.add_argument("--intermediate", type=float, nargs="+",
@@ -85,14 +85,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``meanflow eval``; returns the exit code."""
-    from ..distributed import init_distributed, shutdown
+    from ..distributed import init_distributed, resolve_device, shutdown
 
-    if args.device.startswith("cuda:"):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("under torchrun give --device cuda (each process takes its LOCAL_RANK GPU), not cuda:N")
-        context, device = None, args.device
+    _check_output_paths(args, int(os.environ.get("RANK", "0")))
+    chosen = resolve_device(args.device, "--device")
+    if chosen.type == "cuda" and chosen.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        context, device = None, str(chosen)  # one process on the GPU it names
     else:
-        context = init_distributed(args.device)
+        context = init_distributed(args.device, setting="--device")  # refuses cuda:N under torchrun
         device = str(context.device)
     rank, world_size = (context.rank, context.world_size) if context is not None else (0, 1)
     try:
@@ -106,6 +106,26 @@ def run(args: argparse.Namespace) -> int:
     if context is not None:
         shutdown(context)
     return 0
+
+
+def _check_output_paths(args: argparse.Namespace, rank: int) -> None:
+    """The files this process will write can be written: checked before any sample is drawn.
+    Every process writes its share of --save-samples; rank 0 alone the report and the plot."""
+    if args.save_samples:
+        check_output_folder(args.save_samples, "--save-samples")
+    if rank != 0:
+        return
+    if args.json:
+        check_output_file(args.json, "--json", "eval.json")
+    if args.sweep:
+        check_output_file(_plot_path(args), "--plot" if args.plot else "the sweep's plot (--plot)", "eval_sweep.png")
+
+
+def _plot_path(args: argparse.Namespace) -> Path:
+    """--plot, else beside --json, else eval_sweep.png in the working folder."""
+    if args.plot:
+        return Path(args.plot)
+    return Path(args.json).with_suffix(".png") if args.json else Path("eval_sweep.png")
 
 
 def settings_from_args(args: argparse.Namespace, device: str, rank: int = 0, world_size: int = 1):
@@ -165,8 +185,7 @@ def _write_outputs(args: argparse.Namespace, reports: list[dict[str, Any]]) -> N
         write_text_atomic(Path(args.json), json.dumps(payload, indent=2) + "\n")
         print(f"report: {args.json}")
     if args.sweep:
-        plot = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json
-                                                  else Path("eval_sweep.png"))
+        plot = _plot_path(args)
         plot_sweep(rows, plot, reports[0]["metric"])
         print(f"plot: {plot}")
 

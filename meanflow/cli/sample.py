@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import positive_int
+from .common import check_output_file, positive_int, seed
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,13 +25,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "report states the true number of network evaluations (NFE)")
     parser.add_argument("--intermediate", type=float, help="the middle time of 2-step sampling (default 0.5)")
     parser.add_argument("--weights", help="an EMA name such as ema_0.9999, or raw (default: the first EMA)")
-    parser.add_argument("--label", type=int, help="generate this class only (default: all classes in turn)")
+    parser.add_argument("--label", type=int, help="generate this class only, 0..C-1 (default: all classes in turn)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="inference-time CFG (doubles the NFE)")
     parser.add_argument("--ode", choices=["euler", "heun"],
                         help="integrate u(z, t, t) with this method instead of the run's own sampler")
-    parser.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded by (seed, i)")
+    parser.add_argument("--seed", type=seed, default=0, help="sample i starts from noise seeded by (seed, i); >= 0")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (memory only)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--output", help="the .npz to write (default <run>/samples/<weights>_<sampler>[...].npz, "
                                          "named by every setting so that calls do not overwrite each other)")
     parser.add_argument("--grid", help="the PNG to write (default beside the .npz)")
@@ -44,32 +44,38 @@ def run(args: argparse.Namespace) -> int:
     """Generate ``args.num_samples`` samples and write the .npz and the grid; returns the exit code."""
     import math
 
+    from ..distributed import resolve_device
     from ..inference import generate, load_model
     from ..sample_files import write_sample_file
     from ..samplers import ode_sampler
 
     if not math.isfinite(args.guidance_scale):
         raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    loaded = load_model(args.checkpoint, args.weights, args.device)
+    device = str(resolve_device(args.device, "--device"))
+    # Every path is checked before the weights are read and long before any sample is drawn.
+    output = check_output_file(args.output, "--output", "samples.npz") if args.output else None
+    grid = check_output_file(args.grid, "--grid", "grid.png") if args.grid else None
+    loaded = load_model(args.checkpoint, args.weights, device)
     sampler = ode_sampler(args.ode) or loaded.sampler
     steps = args.steps or sampler.default_steps
     labels = _labels(args, loaded.num_classes)
+    if output is None:
+        output = check_output_file(_default_output(args, loaded, sampler, steps), "the sample file (--output)",
+                                   "samples.npz")
+    if grid is None:
+        grid = check_output_file(output.with_suffix(".png"), "the grid (--grid)", "grid.png")
     samples = generate(loaded.model, args.num_samples, loaded.sample_shape, steps, labels, args.seed,
-                       args.batch_size, args.device, args.intermediate, args.guidance_scale, loaded.num_classes,
+                       args.batch_size, device, args.intermediate, args.guidance_scale, loaded.num_classes,
                        sampler=sampler, progress=not args.no_progress)
     encoder = loaded.encoder
-    output = Path(args.output) if args.output else _default_output(args, loaded, sampler, steps)
-    write_sample_file(output, encoder.file_rows(samples.to(args.device)), None if labels is None else labels.numpy())
+    write_sample_file(output, encoder.file_rows(samples.to(device)), None if labels is None else labels.numpy())
     nfe = sampler.nfe(steps, args.guidance_scale)
     print(f"{args.num_samples} samples ({sampler.name} sampler, {steps} steps = {nfe} NFE, weights {loaded.weights}, "
           f"step {loaded.step}): {output}")
-    grid = Path(args.grid) if args.grid else output.with_suffix(".png")
     shown = samples[: encoder.grid_samples(400)]  # an image grid shows 400, a scatter plot up to 2000 points
     rows = loaded.num_classes if labels is not None and args.label is None and len(shown) % loaded.num_classes == 0 \
         else None
-    encoder.write_grid(shown.to(args.device), grid, nrow=rows, title=f"{nfe}-NFE samples")
+    encoder.write_grid(shown.to(device), grid, nrow=rows, title=f"{nfe}-NFE samples")
     print(f"grid: {grid}")
     return 0
 
@@ -85,8 +91,8 @@ def _labels(args: argparse.Namespace, num_classes):
         return None
     if args.label is not None:
         if not 0 <= args.label < num_classes:
-            raise ValueError(f"--label must lie in [0, {num_classes - 1}] (the model has {num_classes} classes), "
-                             f"got {args.label}")
+            raise ValueError(f"--label must be a class id in [0, {num_classes - 1}] (the model has {num_classes} "
+                             f"classes), got {args.label}")
         return torch.full((args.num_samples,), args.label, dtype=torch.long)
     return balanced_labels(args.num_samples, num_classes)
 

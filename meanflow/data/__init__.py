@@ -38,22 +38,28 @@ def load_images(config):
 
     if config.name == "folder":
         if not config.path:
-            raise ValueError("data.name='folder' needs data.path: the root of an ImageFolder tree "
-                             "(root/<class_name>/<images>)")
+            raise ValueError("data.name=folder needs data.path: the root of an ImageFolder tree "
+                             "(root/<class_name>/<images>); add --set data.path=ROOT")
         images, labels, _ = load_image_folder(config.path, config.resolution or 256, config.skip_corrupt)
         return prepare_images(images), labels
     images, labels = load_array_dataset(config.name, config.path)
     return prepare_images(images, config.resolution), labels
 
 
-def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> tuple[BatchSource, DataInfo]:
-    """A batch source of ``batch_size`` samples per process for a :class:`meanflow.config.DataConfig`."""
+def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_classes: Optional[int] = None) -> tuple[BatchSource, DataInfo]:
+    """A batch source of ``batch_size`` samples per process for a :class:`meanflow.config.DataConfig`.
+
+    ``num_classes``, when known (the model's), bounds the labels of a user's ``.npz`` (``data.name
+    = npz``), so that a label out of range is refused before training with the file's name.
+    """
     if config.name == "toy":
         return ToyStream(config.toy, batch_size, seed, rank), DataInfo((2,), None, PointEncoder((2,), reference=config.toy))
     if config.name == "latents":
         if not config.path:
-            raise ValueError("data.name='latents' needs data.path: a latent cache folder written by "
-                             "`meanflow encode --images ROOT --output CACHE`")
+            raise ValueError("data.name=latents needs data.path: a latent cache folder written by "
+                             "`meanflow encode --images ROOT --output CACHE`; add --set "
+                             "data.path=CACHE")
         from .latent_dataset import LatentDataset
         from .latent_source import LatentBatches
 
@@ -68,7 +74,7 @@ def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: 
     if config.name in ("memory", "npz"):
         from .memory import source_from_config
 
-        return source_from_config(config, batch_size, seed, rank, world_size)
+        return source_from_config(config, batch_size, seed, rank, world_size, num_classes=num_classes)
     images, labels = load_images(config)
     num_classes = int(labels.max()) + 1 if config.class_conditional else None
     source = TensorBatches(images, labels if config.class_conditional else None, batch_size, seed,

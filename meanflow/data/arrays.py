@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import DataUnavailableError, PickledDataError, advises_unpickling, pickled_data_message
 from ..validation import PathLike, check_integer
 from .common import import_pil
 
@@ -51,8 +52,8 @@ _CIFAR_BATCHES = {
     "test": ("test_batch",),
 }
 _LOCAL_DATA_HINT = (
-    "or set data.path to a local .npz (keys x_train, y_train, x_test, y_test with uint8 images "
-    "(N, H, W) or (N, H, W, C)) or to a folder in the torchvision layout"
+    "or give a local copy with --set data.path=PATH (Python: path=PATH): an .npz (keys x_train, y_train, "
+    "x_test, y_test with uint8 images (N, H, W) or (N, H, W, C)) or a folder in the torchvision layout"
 )
 
 
@@ -94,7 +95,8 @@ def load_array_dataset(
             message lists what was found and what was expected).
         FileNotFoundError: ``path`` does not exist.
         ImportError: torchvision (downloads) or Pillow (encoded images) is not installed.
-        RuntimeError: the torchvision download failed (for example offline).
+        DataUnavailableError (a RuntimeError): the torchvision download failed (for example offline).
+        PickledDataError (a ValueError): an array of the ``.npz`` holds Python objects.
     """
     if name not in ARRAY_DATASETS:
         raise ValueError(f"unknown array data set {name!r}; valid names are {list(ARRAY_DATASETS)}")
@@ -116,23 +118,25 @@ def _load_local(name: str, path: Path, split: str, max_images: Optional[int]) ->
         raise FileNotFoundError(f"data.path {str(path)!r} does not exist (expected an .npz file or a folder)")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError) as error:  # numpy's message for a non-numpy file advises unpickling it: not relayed
+        reason = "no numpy arrays; pickled data is never loaded" if "pickle" in str(error) else error
         raise ValueError(
-            f"{path} is not an .npz archive ({error}); data.path must be an .npz with x_{split}/y_{split}, "
+            f"{path} is not an .npz archive ({reason}); data.path must be an .npz with x_{split}/y_{split}, "
             f"an .npz of encoded images ({split}_jpeg, {split}_offsets, y_{split}), or a folder in the "
             "torchvision layout"
-        ) from error
+        ) from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{path} holds a single array, not an .npz archive with keys x_{split} and y_{split}")
     with archive:
         keys = set(archive.files)
         if {f"x_{split}", f"y_{split}"} <= keys:
-            images = archive[f"x_{split}"][:max_images]
-            labels = archive[f"y_{split}"][:max_images]
+            images = _numeric_array(archive, f"x_{split}", path)[:max_images]
+            labels = _numeric_array(archive, f"y_{split}", path)[:max_images]
         elif {f"{split}_jpeg", f"{split}_offsets", f"y_{split}"} <= keys:
-            labels = archive[f"y_{split}"][:max_images]
+            labels = _numeric_array(archive, f"y_{split}", path)[:max_images]
             images = _decode_concatenated(
-                archive[f"{split}_jpeg"], archive[f"{split}_offsets"], len(labels), f"{path} ({split}_jpeg)"
+                _numeric_array(archive, f"{split}_jpeg", path), _numeric_array(archive, f"{split}_offsets", path),
+                len(labels), f"{path} ({split}_jpeg)"
             )
         else:
             raise ValueError(
@@ -142,6 +146,16 @@ def _load_local(name: str, path: Path, split: str, max_images: Optional[int]) ->
                 f"{split}_offsets ((N + 1,) byte offsets) and y_{split}"
             )
     return images, labels, str(path)
+
+
+def _numeric_array(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """``archive[key]``; an object array (which would need unpickling) is refused, without numpy's advice."""
+    try:
+        return archive[key]
+    except ValueError as error:
+        if advises_unpickling(error):
+            raise PickledDataError(pickled_data_message(path, f"array {key!r}")) from None
+        raise ValueError(f"{path}: array {key!r} cannot be read ({error})") from None
 
 
 def _decode_concatenated(buffer: np.ndarray, offsets: np.ndarray, count: int, source: str) -> np.ndarray:
@@ -279,12 +293,21 @@ def _load_with_torchvision(
         ) from error
     dataset_class = getattr(torchvision_datasets, _TORCHVISION[name][0])
     try:
+        if name == "cifar10":
+            # torchvision's CIFAR10 unpickles its batches with plain pickle.load: use it to download
+            # only, and read the batches with the restricted unpickler above.
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            if not (Path(root) / _TORCHVISION[name][1]).is_dir():
+                download_and_extract_archive(dataset_class.url, root, filename=dataset_class.filename,
+                                             md5=dataset_class.tgz_md5)
+            return _load_torchvision_folder(name, Path(root), split, max_images)
         dataset = dataset_class(root=root, train=split == "train", download=True)
     except (OSError, RuntimeError) as error:
-        raise RuntimeError(
+        raise DataUnavailableError(
             f"could not download {name!r} into {root} ({error}); when offline, {_LOCAL_DATA_HINT}"
         ) from error
-    images = np.asarray(dataset.data)[:max_images]  # MNIST: (N, 28, 28); CIFAR-10: (N, 32, 32, 3)
+    images = np.asarray(dataset.data)[:max_images]  # MNIST: (N, 28, 28) from its IDX files, no pickle
     labels = np.asarray(dataset.targets, dtype=np.int64)[:max_images]
     return images, labels, f"torchvision {_TORCHVISION[name][0]} in {root}"
 

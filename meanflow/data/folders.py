@@ -131,7 +131,8 @@ class ImageFolderDataset(Dataset):
                     self.skipped.append(str(file))
                 else:
                     raise ValueError(
-                        f"cannot read image file {file}: {problem}; pass skip_corrupt=True to skip unreadable files"
+                        f"cannot read image file {file}: {problem}; to skip unreadable files add "
+                        "--set data.skip_corrupt=true (meanflow encode: --skip-corrupt; Python: skip_corrupt=True)"
                     )
         if self.skipped:
             warnings.warn(

@@ -18,6 +18,16 @@ from ..validation import PathLike
 from .latent_format import MANIFEST_NAME, read_manifest, shard_file_names
 
 
+def _read_shard_array(path: Path, mmap_mode: Optional[str] = None) -> np.ndarray:
+    """One .npy of a shard, never unpickled; numpy's advice to unpickle what it cannot read is not relayed."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as error:
+        reason = "no numpy array; pickled data is never loaded" if "pickle" in str(error) else error
+        raise ValueError(f"{path} is not a numeric .npy array ({reason}); re-run `meanflow encode` to repair "
+                         "the cache") from None
+
+
 class LatentDataset:
     """A finished latent cache, memory-mapped: posterior moments and labels by image index.
 
@@ -62,13 +72,13 @@ class LatentDataset:
         labels = []
         for entry in manifest["shards"]:
             moments_name, labels_name = shard_file_names(entry["index"])
-            moments = np.load(self.cache_dir / moments_name, mmap_mode="r", allow_pickle=False)
+            moments = _read_shard_array(self.cache_dir / moments_name, mmap_mode="r")
             expected = (entry["count"], len(manifest["moments"]), *self.latent_shape)
             if moments.shape != expected:
                 raise ValueError(f"{self.cache_dir / moments_name} has shape {moments.shape}, the manifest "
                                  f"promises {expected}; re-run `meanflow encode` to repair the cache")
             self._moments.append(moments)
-            labels.append(np.load(self.cache_dir / labels_name, allow_pickle=False))
+            labels.append(_read_shard_array(self.cache_dir / labels_name))
         self._starts = np.array([entry["start"] for entry in manifest["shards"]], dtype=np.int64)
         self.labels = torch.from_numpy(np.concatenate(labels).astype(np.int64))
         if len(self.labels) != manifest["num_images"]:

@@ -89,11 +89,11 @@ def encode_image_folder(
     """
     _check_encode_arguments(resolution, batch_size, shard_size, storage_dtype, num_workers)
     output_dir = Path(output_dir).expanduser()
+    dataset = ImageFolderDataset(root, resolution, skip_corrupt=skip_corrupt)  # the images before the VAE is read
     vae_name = None if isinstance(vae, nn.Module) else os.fspath(vae)
     if vae_name is not None:
         vae = load_vae(vae_name, device)
     vae.eval()
-    dataset = ImageFolderDataset(root, resolution, skip_corrupt=skip_corrupt)
     labels = np.array([label for _, label in dataset.samples], dtype=np.int64)  # (N,)
     settings = _cache_settings(dataset, vae, vae_name, resolution, flip, shard_size, storage_dtype)
     manifest = _start_or_resume(output_dir, settings, labels)

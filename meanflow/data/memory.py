@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..encoders import Encoder, PixelEncoder, PointEncoder
+from ..errors import PickledDataError, advises_unpickling, pickled_data_message
 from ..fingerprints import state_fingerprint
 from ..validation import PathLike
 from . import DataInfo
@@ -190,8 +191,9 @@ def load_npz_data(path: PathLike, resolution: Optional[int] = None, class_condit
 def _read_npz(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is not an .npz archive ({error})") from None
+    except (OSError, ValueError) as error:  # numpy's message for a non-numpy file advises unpickling it: not relayed
+        reason = "no numpy arrays; pickled data is never loaded" if "pickle" in str(error) else error
+        raise ValueError(f"{path} is not an .npz archive ({reason})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{path} is a single .npy array; data.name='npz' needs an .npz archive with arrays x "
                          "(N, ...) and optionally labels (N,) (numpy.savez)")
@@ -202,7 +204,9 @@ def _read_npz(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
         try:
             x = archive["x"]
             labels = archive["labels"] if "labels" in archive.files else None
-        except ValueError as error:  # object arrays need pickle, which is refused
+        except ValueError as error:  # object arrays need pickle, which is refused; numpy's advice is not relayed
+            if advises_unpickling(error):
+                raise PickledDataError(pickled_data_message(path, "an array")) from None
             raise ValueError(f"{path}: {error}; store numeric arrays only") from None
     return x, labels
 
@@ -249,7 +253,7 @@ def memory_source(data: InMemoryData, config, batch_size: int, seed: int, rank: 
     labels = data.labels
     if labels is not None and num_classes is not None and int(labels.max()) >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}) for model.options.num_classes={num_classes}; found "
-                         f"{int(labels.max())}")
+                         f"{int(labels.max())} (in {int((labels >= num_classes).sum())} of {len(labels)} samples)")
     if labels is not None and num_classes is None:
         num_classes = int(labels.max()) + 1
     source = MemoryBatches(data, batch_size, seed, config.horizontal_flip, rank, world_size)
@@ -262,10 +266,11 @@ def _encoder(shape: tuple[int, ...]) -> Encoder:
     return PixelEncoder(shape) if len(shape) == 3 else PointEncoder(shape)
 
 
-def source_from_config(config, batch_size: int, seed: int, rank: int = 0,
-                       world_size: int = 1) -> tuple[MemoryBatches, DataInfo]:
+def source_from_config(config, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                       num_classes: Optional[int] = None) -> tuple[MemoryBatches, DataInfo]:
     """:func:`meanflow.data.build_source` for ``data.name`` 'npz' (the file at ``data.path``) and
-    'memory' (which has nothing to read: its data are passed to ``train``)."""
+    'memory' (which has nothing to read: its data are passed to ``train``). ``num_classes`` (the
+    model's) bounds the file's labels, checked before training."""
     if config.name == "memory":
         raise ValueError("data.name='memory' means samples passed in Python: meanflow.train.train(config, folder, "
                          "data=x, labels=y). To train from the command line, save them with numpy.savez(FILE, x=x, "
@@ -273,7 +278,10 @@ def source_from_config(config, batch_size: int, seed: int, rank: int = 0,
     if not config.path:
         raise ValueError("data.name='npz' needs data.path: an .npz with x (N, ...) samples and optionally labels (N,)")
     data = load_npz_data(config.path, config.resolution, config.class_conditional)
-    return memory_source(data, config, batch_size, seed, rank, world_size)
+    try:
+        return memory_source(data, config, batch_size, seed, rank, world_size, num_classes=num_classes)
+    except ValueError as error:
+        raise ValueError(f"{config.path}: {error}") from None
 
 
 __all__ = ["InMemoryData", "MemoryBatches", "as_in_memory_data", "load_npz_data", "memory_source",

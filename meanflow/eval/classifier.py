@@ -278,11 +278,21 @@ def load_classifier(path: Union[str, Path], device: Union[str, torch.device] = "
         raise FileNotFoundError(f"no domain classifier at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
                                 "(train one with meanflow.eval.classifier.train_domain_classifier and save_classifier, "
                                 "or `meanflow eval --metric domain --train-classifier`)")
-    record = json.loads((folder / CONFIG_FILE).read_text())
-    if record.get("format") != _FORMAT:
-        raise ValueError(f"{folder / CONFIG_FILE} is not a domain classifier record")
+    from safetensors import SafetensorError
+
+    retrain = "train it again (`meanflow eval --metric domain --train-classifier`) into an empty folder"
+    try:
+        record = json.loads((folder / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON ({error}); {retrain}") from None
+    if not isinstance(record, dict) or record.get("format") != _FORMAT or "config" not in record:
+        raise ValueError(f"{folder / CONFIG_FILE} is not a domain classifier record; {retrain}")
     model = DomainClassifier(ClassifierConfig(**record["config"]))
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    except SafetensorError as error:  # truncated, or not safetensors at all (a pickle, say): never unpickled
+        raise ValueError(f"{folder / WEIGHTS_FILE} could not be read as safetensors ({error}); {retrain}") from None
+    model.load_state_dict(weights)
     return model.to(device).eval()
 
 

@@ -209,7 +209,12 @@ def load_statistics_with_info(path: Union[str, Path]) -> tuple[np.ndarray, np.nd
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no statistics file at {path}")
-    with np.load(path, allow_pickle=False) as data:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except ValueError as error:  # numpy's message for a non-numpy file advises unpickling it: not relayed
+        reason = "no numpy arrays; pickled data is never loaded" if "pickle" in str(error) else error
+        raise ValueError(f"{path} is not an .npz of statistics ({reason})") from None
+    with archive as data:
         if "mu" not in data.files or "sigma" not in data.files:
             raise ValueError(f"{path} holds {sorted(data.files)}, not the statistics 'mu' and 'sigma' "
                              "(an .npz of images only must be turned into statistics first)")

@@ -17,9 +17,13 @@ module alone (see :func:`inception_module`) and never need torchvision. Install 
 
 (``--no-deps`` keeps pip from pulling torchvision and with it another torch).
 
-Weights: torch-fidelity downloads ``weights-inception-2015-12-05-6726825d.pth`` into torch
-hub's cache (``$TORCH_HOME/hub/checkpoints``) on first use. Offline, copy the file there or pass
-its path (``weights_path=`` here, ``--inception-weights`` on the command line).
+Weights: ``weights-inception-2015-12-05-6726825d.pth`` is read from torch hub's cache
+(``$TORCH_HOME/hub/checkpoints``, downloaded there on first use) or from a path given as
+``weights_path=`` here, ``--inception-weights`` on the command line. torch-fidelity loads weights
+with an unrestricted ``torch.load``, which runs whatever code a pickle names, so it is never left
+to open the file: its network is built without weights (:func:`untrained_inception_network`) and
+the file is read here with ``weights_only=True``, checked against the network's names and shapes
+and loaded strictly (:func:`inception_network`).
 
 :func:`inception_score` is a pure function of logits; :func:`precision_recall` (from
 :mod:`meanflow.eval.distances`) of features.
@@ -29,11 +33,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
+import warnings
 from pathlib import Path
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import Optional, Union
-from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -50,10 +55,19 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 _LIBRARY_MODULE = "torch_fidelity.feature_extractor_inceptionv3"
 # torch-fidelity's feature names: pool features, and logits without the bias (what IS uses).
 _FEATURES, _LOGITS = "2048", "logits_unbiased"
+# Batch-norm counters: in the network's state dict, not in the official file (see check_weights).
+_OPTIONAL_SUFFIX = ".num_batches_tracked"
 
 
 class InceptionWeightsUnavailable(FileNotFoundError):
     """The TF-FID Inception weights could neither be found locally nor downloaded."""
+
+
+def default_weights_path() -> Path:
+    """Where the weights are read from when no path is given: torch hub's checkpoint cache,
+    ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`` (the file torch-fidelity
+    would download there)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
 def inception_module() -> ModuleType:
@@ -79,6 +93,133 @@ def inception_module() -> ModuleType:
     finally:
         if sys.modules.get("torch_fidelity") is package:
             del sys.modules["torch_fidelity"]
+
+
+def untrained_inception_network() -> torch.nn.Module:
+    """torch-fidelity's Inception-v3 with freshly initialised layers, built without reading or
+    downloading any file; its ``state_dict()`` names every tensor the weights file must hold.
+
+    The library's constructor has no switch for this: it builds every layer, then takes a state
+    dict from ``load_state_dict_from_url`` (or from ``torch.load(path, weights_only=False)`` when
+    given a path) and loads it, and both of those unpickle without restriction. So the
+    constructor's own code runs here with that one name, in a private copy of its globals, bound
+    to a function that hands back the new layers' own state: loading it changes nothing, nothing
+    is opened, and the library module itself is left as it was (other users of it are not
+    affected). The real weights are loaded afterwards by :func:`inception_network`.
+    """
+    module = inception_module()
+    network_class = module.FeatureExtractorInceptionV3
+    constructor = network_class.__init__
+    if "load_state_dict_from_url" not in constructor.__code__.co_names:
+        raise RuntimeError(f"this torch-fidelity version ({module.__file__}) builds its Inception-v3 in a way "
+                           "meanflow does not know, so it cannot be kept from loading weights itself; "
+                           "install the torch-fidelity release this meanflow version was tested with")
+    network = network_class.__new__(network_class)
+    requests = []
+
+    def own_state(*args, **kwargs) -> dict[str, Tensor]:
+        requests.append(args)
+        return network.state_dict()  # every layer exists by now: the constructor loads last
+
+    private_globals = {**constructor.__globals__, "load_state_dict_from_url": own_state}
+    sealed = FunctionType(constructor.__code__, private_globals, constructor.__name__, constructor.__defaults__,
+                          constructor.__closure__)
+    sealed.__kwdefaults__ = constructor.__kwdefaults__
+    sealed(network, "inception-v3-compat", [_FEATURES, _LOGITS])
+    if len(requests) != 1:
+        raise RuntimeError("torch-fidelity's Inception-v3 did not ask for its weights as expected; refusing to use it")
+    return network
+
+
+def read_weights_file(path: Union[str, Path]) -> dict[str, Tensor]:
+    """The state dict in ``path``, read with ``torch.load(weights_only=True)``: tensors and plain
+    containers only, so no code in the file can run. Keys and shapes are not checked here.
+
+    Raises:
+        InceptionWeightsUnavailable: there is no file at ``path``.
+        ValueError: the file is not a dict of tensors saved by ``torch.save`` (reading it would
+            need unpickling Python objects, which is refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InceptionWeightsUnavailable(
+            f"no Inception weights file at {path} (expected a copy of {INCEPTION_WEIGHTS_FILE}, the TF-FID "
+            f"Inception-v3 weights); point at a local copy with --inception-weights PATH "
+            f"(Python: InceptionFeatureExtractor(weights_path=PATH)), or copy it to {default_weights_path()}"
+        )
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # unreadable (permissions, I/O): the system's own message says why
+    except Exception as error:  # noqa: BLE001 -- whatever the refusal, torch's advice is not relayed
+        raise ValueError(_not_plain_tensors_message(path, error)) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (a dict of tensors "
+                         f"as in {INCEPTION_WEIGHTS_FILE})")
+    odd = [key for key, value in state.items() if not isinstance(key, str) or not isinstance(value, Tensor)]
+    if odd:
+        raise ValueError(f"{path} is not a state dict of tensors: {len(odd)} entries are not a name and a "
+                         f"tensor, e.g. {odd[0]!r}: {type(state[odd[0]]).__name__}")
+    return state
+
+
+def _not_plain_tensors_message(path: Path, error: Exception) -> str:
+    # torch names a refused global as "GLOBAL module.name"; its message also advises turning the
+    # check off, which is exactly what must not be done with a file of unknown origin.
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f"it asks for the Python object {named.group(1)}" if named else "it is no torch.save file of tensors"
+    return (f"{path} is not a plain state dict of tensors ({what}): reading it would need unpickling, which "
+            "meanflow refuses because unpickling can run any code the file contains. Use the official "
+            f"{INCEPTION_WEIGHTS_FILE}, a dict of tensors, or re-save trusted weights as one "
+            "(torch.save(dict_of_tensors, path)).")
+
+
+def check_weights(state: dict[str, Tensor], expected: dict[str, Tensor], source: Union[str, Path]) -> None:
+    """Refuse a state dict whose names, shapes or kinds (floating / integer) differ from the network's.
+
+    The official file, a plain dict written by torch-fidelity's converter, holds the convolution,
+    batch-norm and fc tensors but no ``num_batches_tracked`` counters: those (unused in eval mode)
+    may be absent and are then taken from the network.
+    """
+    required = {key for key in expected if not key.endswith(_OPTIONAL_SUFFIX)}
+    missing = sorted(required - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    different = [f"{key}: file {tuple(state[key].shape)} {state[key].dtype}, network {tuple(expected[key].shape)} "
+                 f"{expected[key].dtype}" for key in sorted(state.keys() & expected.keys())
+                 if state[key].shape != expected[key].shape
+                 or state[key].is_floating_point() != expected[key].is_floating_point()]
+    if missing or unexpected or different:
+        problems = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                    f"{len(unexpected)} not in the network (e.g. {unexpected[:3]})" if unexpected else "",
+                    f"{len(different)} of another shape or kind ({'; '.join(different[:3])})" if different else ""]
+        raise ValueError(f"{source} does not hold the TF-FID Inception-v3 weights of torch-fidelity's network "
+                         f"({INCEPTION_WEIGHTS_FILE}): tensors " + ", ".join(p for p in problems if p))
+
+
+def inception_network(path: Union[str, Path]) -> torch.nn.Module:
+    """torch-fidelity's Inception-v3 (float32, eval mode, on the CPU) with the weights file at ``path``.
+
+    The one way weights reach the network, whether the file is the default one or given: read
+    with ``weights_only=True`` (:func:`read_weights_file`), checked against the names and shapes of
+    the network's own state dict (:func:`check_weights`), then ``load_state_dict(strict=True)``
+    into a network that was built without reading anything (:func:`untrained_inception_network`).
+    """
+    state = read_weights_file(path)  # first: a bad file fails before the 24M-parameter network is built
+    network = untrained_inception_network()
+    expected = network.state_dict()
+    check_weights(state, expected, path)
+    counters = {key: value for key, value in expected.items() if key.endswith(_OPTIONAL_SUFFIX)}
+    network.load_state_dict({**counters, **state}, strict=True)
+    return network
+
+
+def _download_weights(url: str, destination: Path) -> None:
+    """Fetch the weights file into ``destination`` (written atomically by torch hub); only bytes
+    are written here, the file is read afterwards like any other by :func:`read_weights_file`."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(destination), progress=False)
 
 
 def images_to_uint8_rgb(images: ArrayLike) -> Tensor:
@@ -110,18 +251,22 @@ class InceptionFeatureExtractor:
 
     Images of any size are resized to 299 x 299 by the library (TensorFlow-1.x-compatible
     bilinear) and scaled to [-1, 1] as in the TF graph; see :func:`images_to_uint8_rgb` for the
-    accepted inputs. The network runs in float32, ``batch_size`` images at a time.
+    accepted inputs. The network runs in float32, ``batch_size`` images at a time. The weights are
+    read by :func:`inception_network` (``weights_only=True``, names and shapes checked); the library
+    never opens the file itself.
 
     Args:
         weights_path: a local copy of the weights (``weights-inception-2015-12-05-6726825d.pth``);
-            None lets torch-fidelity find it in torch hub's cache or download it.
+            None reads :func:`default_weights_path` (torch hub's cache), downloading the file
+            there first when it is missing.
         device: where the network runs.
         batch_size: images per forward pass (memory only; features do not depend on it).
 
     Raises:
         ImportError: torch-fidelity is not installed.
-        InceptionWeightsUnavailable: no weights file and the download failed (offline).
-        ValueError: the file at ``weights_path`` is not a state dict of this network.
+        InceptionWeightsUnavailable: no file at ``weights_path``, or none in the cache and the
+            download failed (offline).
+        ValueError: the file is not a plain state dict of tensors, or not one of this network.
     """
 
     dim = INCEPTION_FEATURE_DIM
@@ -131,25 +276,15 @@ class InceptionFeatureExtractor:
                  device: Union[str, torch.device] = "cpu", batch_size: int = 50):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        module = inception_module()
+        module = inception_module()  # fails first when torch-fidelity is missing
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.weights_path = None if weights_path is None else Path(weights_path)
-        network_class = module.FeatureExtractorInceptionV3
-        if self.weights_path is None:
-            try:
-                network = network_class("inception-v3-compat", [_FEATURES, _LOGITS])
-            except OSError as error:  # URLError, socket and HTTP errors are all OSErrors
-                raise InceptionWeightsUnavailable(_offline_message(module, error)) from error
-        else:
-            _check_weights_file(self.weights_path)
-            try:
-                network = network_class("inception-v3-compat", [_FEATURES, _LOGITS],
-                                        feature_extractor_weights_path=str(self.weights_path))
-            except RuntimeError as error:  # load_state_dict: missing / unexpected keys, shapes
-                raise ValueError(f"{self.weights_path} does not hold the TF-FID Inception-v3 weights that "
-                                 f"torch-fidelity expects ({INCEPTION_WEIGHTS_FILE}): {error}") from error
-        self.network = network.to(self.device).eval()
+        if weights_path is None:
+            weights_path = default_weights_path()
+            if not weights_path.is_file():
+                _fetch_into_cache(getattr(module, "URL_INCEPTION_V3", None), weights_path)
+        self.weights_path = Path(weights_path)
+        self.network = inception_network(self.weights_path).to(self.device).eval()
         self._fingerprint: Optional[str] = None
 
     @property
@@ -182,30 +317,19 @@ class InceptionFeatureExtractor:
         return self.features_and_logits(images)[0]
 
 
-def _check_weights_file(path: Path) -> None:
-    """The file exists and unpickles with ``weights_only=True`` (tensors, no code) before the
-    library loads it with an unrestricted ``torch.load``."""
-    if not path.is_file():
-        raise InceptionWeightsUnavailable(f"no Inception weights file at {path} (expected a copy of "
-                                          f"{INCEPTION_WEIGHTS_FILE})")
+def _fetch_into_cache(url: Optional[str], destination: Path) -> None:
+    """Download the weights to ``destination``, or say how to provide them offline."""
+    offline = (f"Offline, copy {INCEPTION_WEIGHTS_FILE} into {destination.parent}, or point at a local copy with "
+               "--inception-weights PATH (Python: InceptionFeatureExtractor(weights_path=PATH)).")
+    if not url:
+        raise InceptionWeightsUnavailable(f"no TF-FID Inception-v3 weights at {destination}. {offline}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure means: not a plain state dict
-        raise ValueError(f"{path} is not a plain state dict of tensors: {error}") from error
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-
-
-def _offline_message(module: ModuleType, error: Exception) -> str:
-    url = getattr(module, "URL_INCEPTION_V3", "")
-    file_name = Path(urlparse(url).path).name or INCEPTION_WEIGHTS_FILE
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    return (
-        f"could not get the TF-FID Inception-v3 weights '{file_name}': torch-fidelity looks for it in {cache} "
-        f"and otherwise downloads it from {url or 'its release page'}, which failed ({error}). "
-        f"Offline, copy {file_name} into {cache}, or point at a local copy with --inception-weights PATH "
-        "(Python: InceptionFeatureExtractor(weights_path=PATH))."
-    )
+        _download_weights(url, destination)
+    except OSError as error:  # URLError, socket and HTTP errors are all OSErrors
+        raise InceptionWeightsUnavailable(
+            f"could not get the TF-FID Inception-v3 weights {INCEPTION_WEIGHTS_FILE}: there is no copy at "
+            f"{destination} and downloading it from {url} failed ({error}). {offline}"
+        ) from error
 
 
 class InceptionScoreStatistics:
@@ -289,8 +413,13 @@ __all__ = [
     "InceptionFeatureExtractor",
     "InceptionScoreStatistics",
     "InceptionWeightsUnavailable",
+    "check_weights",
+    "default_weights_path",
     "images_to_uint8_rgb",
     "inception_module",
+    "inception_network",
     "inception_score",
     "precision_recall",
+    "read_weights_file",
+    "untrained_inception_network",
 ]

@@ -164,7 +164,7 @@ def reference_features(
     (N, H, W, C) uint8, as ADM's reference batches do, of which the first M are used.
     """
     if isinstance(reference, Path):
-        with np.load(reference) as data:
+        with np.load(reference, allow_pickle=False) as data:
             if "arr_0" not in data.files:
                 raise ValueError(f"precision / recall needs reference images, but {reference} holds only "
                                  f"{sorted(data.files)}; give a data set as the reference, or an ADM reference "

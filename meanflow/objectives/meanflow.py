@@ -135,8 +135,8 @@ class MeanFlow(NoiseTimeObjective):
     def check_parallel(self, data_parallel: bool, sharded: bool) -> None:
         if data_parallel and not sharded and self.derivative is Derivative.JVP:
             raise ValueError("objective.meanflow.derivative='jvp' cannot run through DistributedDataParallel (the "
-                             "JVP would bypass gradient synchronisation); use 'two_pass' (the default) or "
-                             "training.parallel=fsdp")
+                             "JVP would bypass gradient synchronisation); use --set objective.meanflow.derivative="
+                             "two_pass (the default; Python: derivative='two_pass') or --set training.parallel=fsdp")
 
     def sample_times(self, batch_size: int, like: Tensor, generator: torch.Generator | None,
                      progress: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -9,10 +9,13 @@ stop request :mod:`.signals`, and the metrics of a logging window :mod:`.metrics
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import json
 import random
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +30,7 @@ from ..conventions import Batch
 from ..data import DataInfo, build_source
 from ..data.memory import InMemoryData, as_in_memory_data, memory_source
 from ..distributed import Distributed, gather_state, init_distributed, shard_model, shutdown
+from ..errors import NonFiniteStepWarning
 from ..models import build_model
 from ..objectives import build_objective
 from ..progress import Progress
@@ -69,12 +73,28 @@ def check_model_matches_data(config: Config, info: DataInfo) -> None:
     if "in_channels" in options and (len(shape) != 3 or options["in_channels"] != shape[0]):
         problems.append(f"model.options.in_channels={options['in_channels']} but images have shape {shape}")
     if options.get("num_classes") != info.num_classes:
-        where = ("labels= given to train()" if config.data.name == "memory"
-                 else f"data.class_conditional={config.data.class_conditional}")
-        problems.append(f"model.options.num_classes={options.get('num_classes')} but the data has "
-                        f"{info.num_classes if info.num_classes else 'no'} classes ({where})")
+        problems.append(_classes_problem(config, options.get("num_classes"), info.num_classes))
     if problems:
         raise ValueError("the model does not fit the data:\n  " + "\n  ".join(problems))
+
+
+def _classes_problem(config: Config, model_classes: Optional[int], data_classes: Optional[int]) -> str:
+    """Why the model's classes and the data's disagree, and the setting that fixes it: as ``--set``
+    spells it, or for samples passed to ``train()`` (Python only) the model option's Python value."""
+    found = f"the data has {data_classes if data_classes else 'no'} classes"
+    if config.data.name == "memory":
+        return (f"model.options.num_classes={model_classes!r} but {found} (labels= given to train()); "
+                f"use model.options.num_classes={data_classes!r}")
+    if data_classes is None:
+        return (f"model.options.num_classes={json.dumps(model_classes)} but {found} (data.class_conditional is "
+                f"{json.dumps(config.data.class_conditional)}); use --set model.options.num_classes=null, or "
+                "--set data.class_conditional=true")
+    return (f"model.options.num_classes={json.dumps(model_classes)} but {found} (labels 0..{data_classes - 1}); "
+            f"use --set model.options.num_classes={data_classes}")
+
+
+# A skipped non-finite step warns the first time and then every this many skips.
+SKIP_WARNING_EVERY = 10
 
 
 class Trainer:
@@ -124,11 +144,13 @@ class Trainer:
         self.latest: dict[str, Any] = {}  # the last logged metrics
         self.checkpoint: Optional[Path] = None  # the newest checkpoint (rank 0 knows its path)
         self.saved = False  # whether this process wrote (or resumed from) a checkpoint
+        self.skipped_here = 0  # non-finite steps this process skipped (the rate of their warnings)
 
     def _data_source(self, data: Optional[InMemoryData], local_batch: int):
         settings, rank, world = self.config.training, self.dist.rank, self.dist.world_size
         if data is None:
-            return build_source(self.config.data, local_batch, settings.seed, rank, world)
+            return build_source(self.config.data, local_batch, settings.seed, rank, world,
+                                num_classes=self.config.model.options.get("num_classes"))
         return memory_source(data, self.config.data, local_batch, settings.seed, rank, world,
                              num_classes=self.config.model.options.get("num_classes"))
 
@@ -182,7 +204,19 @@ class Trainer:
             self.state.step += 1
         else:
             self.state.skipped += 1
+            self._warn_skipped(outcome.skipped_because)
         return outcome
+
+    def _warn_skipped(self, reason: Optional[str]) -> None:
+        """A :class:`NonFiniteStepWarning` for the first skipped step and every
+        :data:`SKIP_WARNING_EVERY`-th after it, from rank 0 (every rank skips the same steps)."""
+        self.skipped_here += 1
+        if not self.dist.is_main or (self.skipped_here > 1 and self.skipped_here % SKIP_WARNING_EVERY):
+            return
+        limit = self.config.training.max_consecutive_skips
+        warnings.warn(NonFiniteStepWarning(
+            f"{reason}: skipped, {self.state.skipped} so far (this warning: the 1st skip, then every "
+            f"{SKIP_WARNING_EVERY}th; the run stops after {limit} in a row)"), stacklevel=3)
 
     def parameters_in_sync(self) -> bool:
         """True if every rank holds the same weights (a cheap checksum all-reduce)."""
@@ -193,8 +227,12 @@ class Trainer:
         return all(value == gathered[0] for value in gathered)
 
     # -- the loop ---------------------------------------------------------------------------
-    def run(self, max_steps: Optional[int] = None) -> TrainResult:
-        """Train from the newest checkpoint (if any) to ``training.steps`` (or ``max_steps``)."""
+    def run(self, max_steps: Optional[int] = None, stop: Optional[StopRequest] = None) -> TrainResult:
+        """Train from the newest checkpoint (if any) to ``training.steps`` (or ``max_steps``).
+
+        ``stop``: an active stop request to read after each step (:func:`train` holds one until
+        its last collective); by default the loop holds its own while it steps.
+        """
         settings = self.config.training
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint = self.resume()
@@ -207,9 +245,9 @@ class Trainer:
         window, grids, interrupted = MetricWindow(), [], False
         self.network.train()
         try:
-            with StopRequest() as stop:
+            with contextlib.nullcontext(stop) if stop is not None else StopRequest() as request:
                 while self.step < last:
-                    outcome = self.train_step(stop)
+                    outcome = self.train_step(request)
                     if outcome.taken:
                         window.add(outcome.metrics)
                         bar.update()
@@ -242,6 +280,7 @@ class Trainer:
             log.write(self.latest)
             bar.show(**{key: self.latest[key] for key in ("loss", "unweighted_error") if key in self.latest})
         if step % settings.checkpoint_every == 0 or step == last:
+            log.sync()  # the lines this checkpoint resumes from reach the disk before it does
             self._checkpoint_now()
         if settings.sample_every and step % settings.sample_every == 0 and step != last:
             return self._grids(log)
@@ -309,17 +348,21 @@ def train(config: Config, output_dir: str | Path, progress: bool = True, max_ste
     elif labels is not None:
         raise ValueError("labels= are the labels of data=; pass the samples as data= too")
     trainer = Trainer(config, Path(output_dir), progress, data=samples)
-    try:
-        result = trainer.run(max_steps)
-    except BaseException:
-        shutdown(trainer.dist, together=False)
-        raise
     context = trainer.dist
-    # The DDP / FSDP wrappers hold gloo work objects; destroyed after their process group (at
-    # interpreter exit) they abort the process. Drop them first.
-    del trainer
-    gc.collect()
-    shutdown(context)
+    # From the first step to the last collective a signal only asks to stop: a second SIGTERM
+    # (torchrun forwards the one it got to processes that may have had their own) never kills a
+    # process while it checkpoints or leaves the process group, so every rank exits cleanly.
+    with StopRequest() as stop:
+        try:
+            result = trainer.run(max_steps, stop)
+        except BaseException:
+            shutdown(context, together=False)
+            raise
+        # The DDP / FSDP wrappers hold gloo work objects; destroyed after their process group (at
+        # interpreter exit) they abort the process. Drop them first.
+        del trainer
+        gc.collect()
+        shutdown(context)
     return result
 
 

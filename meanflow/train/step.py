@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..conventions import Batch
 from ..distributed import Distributed, is_sharded
+from ..errors import NonFiniteTrainingError
 from .ema import EMA
 from .signals import StopRequest
 
@@ -35,10 +36,13 @@ class StepOutcome:
     metrics: the objective's metrics and ``grad_norm`` as 0-d device tensors, or None when the
         step was skipped (non-finite loss or gradient on some rank).
     stop_requested: some rank asked to stop (SIGTERM / SIGINT); the same on every rank.
+    skipped_because: why a skipped step was skipped (the step, the loss and the gradient norm),
+        for the warning the loop prints; None for a step that was taken.
     """
 
     metrics: Optional[dict[str, Tensor]]
     stop_requested: bool
+    skipped_because: Optional[str] = None
 
     @property
     def taken(self) -> bool:
@@ -48,8 +52,9 @@ class StepOutcome:
 class NonFinitePolicy:
     """``training.on_nonfinite`` and ``training.max_consecutive_skips``: after a non-finite step,
     'skip' goes on unless ``max_consecutive`` steps in a row were skipped; 'stop' stops at once.
-    Stopping raises FloatingPointError; the last checkpoint is intact, since a skipped step never
-    changes the weights."""
+    Stopping raises :class:`~meanflow.errors.NonFiniteTrainingError` (a FloatingPointError, which
+    ``meanflow train`` reports in one line and exit code 1); the last checkpoint is intact, since
+    a skipped step never changes the weights."""
 
     def __init__(self, mode: str, max_consecutive: int):
         if mode not in ("skip", "stop"):
@@ -59,18 +64,27 @@ class NonFinitePolicy:
     def taken(self) -> None:
         self.consecutive = 0
 
-    def skipped(self, step_number: int, loss: Tensor, grad_norm: Tensor) -> None:
-        """Count a skipped step (``step_number`` is the 1-based step it would have been); raise to stop."""
+    def skipped(self, step_number: int, loss: Tensor, grad_norm: Tensor) -> str:
+        """Count a skipped step (``step_number`` is the 1-based step it would have been); raise to
+        stop, else return what happened (for the loop's warning)."""
         self.consecutive += 1
         # Reading the values here costs nothing extra: the flag read has already synchronised.
         message = (f"non-finite loss or gradient at step {step_number} (loss {float(loss):.4g}, "
                    f"gradient norm {float(grad_norm):.4g})")
         if self.mode == "stop":
-            raise FloatingPointError(message + "; stopping (training.on_nonfinite='stop'). The last "
-                                     "checkpoint is intact; lower optim.lr or set optim.grad_clip")
+            raise NonFiniteTrainingError(
+                message + "; stopping (--set training.on_nonfinite=stop; Python: training.on_nonfinite='stop'). "
+                f"The last checkpoint is intact; {_REMEDY}")
         if self.consecutive >= self.max_consecutive:
-            raise FloatingPointError(message + f"; {self.consecutive} steps in a row were skipped, stopping. "
-                                     "The last checkpoint is intact; lower optim.lr or set optim.grad_clip")
+            raise NonFiniteTrainingError(
+                message + f"; {self.consecutive} steps in a row were skipped, stopping (the limit "
+                "training.max_consecutive_skips). The last checkpoint is intact; " + _REMEDY)
+        return message
+
+
+# What to change after non-finite steps, as the command line spells it (the config fields are
+# the same in Python: config.optim.lr, config.optim.grad_clip).
+_REMEDY = "lower the learning rate (--set optim.lr=...) or clip the gradient norm (--set optim.grad_clip=1.0)"
 
 
 class TrainStep:
@@ -110,8 +124,8 @@ class TrainStep:
         nonfinite, stopping = self._agree(out.loss.detach(), grad_norm.detach(), stop is not None and stop.requested)
         if nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
-            self.policy.skipped(step + 1, out.loss.detach(), grad_norm)
-            return StepOutcome(None, stopping)
+            reason = self.policy.skipped(step + 1, out.loss.detach(), grad_norm)
+            return StepOutcome(None, stopping, reason)
         self.policy.taken()
         self.optimizer.step()
         self.schedule.step()
