@@ -13,7 +13,7 @@ Encoders are data: ``to_dict`` / :func:`encoder_from_dict` round-trip through th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -68,6 +68,12 @@ class Encoder:
         """How many samples a grid of ``requested`` should draw (a scatter plot needs more)."""
         return requested
 
+    def with_vae(self, vae: Optional[str]) -> "Encoder":
+        """This encoder decoding with another VAE (``--vae``); only latents have one."""
+        if vae is None:
+            return self
+        raise ValueError(f"vae (--vae) decodes latents, but this run's samples are {self.name}")
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sample_shape": list(self.sample_shape)}
 
@@ -111,6 +117,9 @@ class LatentEncoder(Encoder):
     def image_shape(self) -> tuple[int, int, int]:
         _, height, width = self.sample_shape
         return self.image_channels, height * self.downsampling, width * self.downsampling
+
+    def with_vae(self, vae: Optional[str]) -> "LatentEncoder":
+        return self if vae is None else replace(self, vae=vae)
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "vae": self.vae, "downsampling": self.downsampling,

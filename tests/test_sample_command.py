@@ -124,6 +124,13 @@ def test_a_latent_run_is_decoded_by_its_vae(tmp_path, capsys):
                    str(tmp_path / "latent.npz"))
     images, labels = read_sample_file(tmp_path / "latent.npz")
     assert images.shape == (4, RESOLUTION, RESOLUTION, 3) and labels.tolist() == [0, 1, 0, 1]
+    import shutil
+
+    moved = tmp_path / "vae_moved"
+    shutil.move(str(vae_folder), moved)  # the VAE the record names is gone: --vae points at its new place
+    sample_command("--checkpoint", str(tmp_path / "latent"), "--num-samples", "4", "--vae", str(moved),
+                   "--output", str(tmp_path / "moved.npz"))
+    assert np.array_equal(read_sample_file(tmp_path / "moved.npz")[0], images)
 
 
 def test_loading_for_sampling_reads_no_optimizer_state_and_checks_the_format(digits_run, tmp_path):
@@ -155,3 +162,8 @@ def test_long_sampling_shows_progress(digits_run, capsys, tmp_path):
     assert main(["sample", "--checkpoint", str(digits_run), "--num-samples", "6", "--batch-size", "2",
                  "--output", str(tmp_path / "p.npz")]) == 0
     assert "3/3" in capsys.readouterr().err  # one update per batch
+
+
+def test_a_vae_for_a_run_without_latents_is_refused(digits_run, capsys):
+    assert main(["sample", "--checkpoint", str(digits_run), "--vae", "somewhere"]) == 2
+    assert "decodes latents, but this run's samples are pixels" in capsys.readouterr().err

@@ -35,6 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output", help="the .npz to write (default <run>/samples/<weights>_<sampler>[...].npz, "
                                          "named by every setting so that calls do not overwrite each other)")
     parser.add_argument("--grid", help="the PNG to write (default beside the .npz)")
+    parser.add_argument("--vae", help="the VAE decoding a latent run's samples (default: the one its run record names)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
     return parser
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     output = check_output_file(args.output, "--output", "samples.npz") if args.output else None
     grid = check_output_file(args.grid, "--grid", "grid.png") if args.grid else None
     loaded = load_model(args.checkpoint, args.weights, device)
+    encoder = loaded.encoder.with_vae(args.vae)  # refused at once for runs without latents
     sampler = ode_sampler(args.ode) or loaded.sampler
     steps = args.steps or sampler.default_steps
     labels = _labels(args, loaded.num_classes)
@@ -67,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
     samples = generate(loaded.model, args.num_samples, loaded.sample_shape, steps, labels, args.seed,
                        args.batch_size, device, args.intermediate, args.guidance_scale, loaded.num_classes,
                        sampler=sampler, progress=not args.no_progress)
-    encoder = loaded.encoder
     write_sample_file(output, encoder.file_rows(samples.to(device)), None if labels is None else labels.numpy())
     nfe = sampler.nfe(steps, args.guidance_scale)
     print(f"{args.num_samples} samples ({sampler.name} sampler, {steps} steps = {nfe} NFE, weights {loaded.weights}, "

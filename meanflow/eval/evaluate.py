@@ -20,11 +20,9 @@ The parts, each its own module of :mod:`meanflow.eval`:
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from ..encoders import Encoder
 from .features import FeatureExtractor, PathLike, build_feature_extractor
 from .settings import EvalSettings
 
@@ -48,7 +46,7 @@ def evaluate_checkpoint(checkpoint: PathLike, settings: EvalSettings, *,
     from .reports import build_report, sampler_report
 
     loaded = load_model(checkpoint, settings.weights, settings.device)
-    encoder = _with_vae(loaded.encoder, settings.vae)
+    encoder = loaded.encoder.with_vae(settings.vae)
     sampler = ode_sampler(settings.ode) or loaded.sampler
     if encoder.is_image:
         from .image_scores import score_image_run
@@ -63,15 +61,6 @@ def evaluate_checkpoint(checkpoint: PathLike, settings: EvalSettings, *,
         scored = score_point_run(loaded, encoder, sampler, settings)
     return build_report(Path(checkpoint), loaded, settings, encoder, sampler_report(sampler, settings.ode is not None),
                         scored)
-
-
-def _with_vae(encoder: Encoder, vae: Optional[str]) -> Encoder:
-    """The run's encoder, decoding with another VAE when one is given (``--vae``)."""
-    if vae is None:
-        return encoder
-    if "vae" not in getattr(encoder, "__dataclass_fields__", {}):
-        raise ValueError(f"vae (--vae) decodes latents, but this run's samples are {encoder.name}")
-    return dataclasses.replace(encoder, vae=vae)
 
 
 __all__ = ["EvalSettings", "evaluate_checkpoint"]
