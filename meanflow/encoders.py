@@ -98,19 +98,44 @@ class PixelEncoder(Encoder):
 class LatentEncoder(Encoder):
     """Latents of a diffusers AutoencoderKL (``vae``: a hub name or local folder), decoded to
     images ``downsampling`` times larger. The VAE is loaded once per process and device
-    (:func:`meanflow.vae.load_vae` caches it)."""
+    (:func:`meanflow.vae.load_vae` caches it).
+
+    Two normalisations of the VAE's raw latent ``z``: the SD scale factor (the default; samples
+    are ``0.18215 z``, as the latent cache stores them), or, with ``latent_mean`` and
+    ``latent_std`` (one number per channel), ``(z - mean) / std`` (what Improved MeanFlow's
+    official models generate).
+    """
 
     sample_shape: tuple
     vae: str
     downsampling: int = 8
     image_channels: int = 3
     decode_batch_size: int = 32
+    latent_mean: Optional[tuple] = None
+    latent_std: Optional[tuple] = None
     name: ClassVar[str] = "latents"
     is_image: ClassVar[bool] = True
 
-    def decode(self, samples: Tensor) -> Tensor:
-        from .vae import decode_latents, load_vae
+    def __post_init__(self) -> None:
+        if (self.latent_mean is None) != (self.latent_std is None):
+            raise ValueError("latent_mean and latent_std are given together (per-channel normalisation) or not at all")
+        if self.latent_mean is not None:
+            channels = self.sample_shape[0]
+            for name in ("latent_mean", "latent_std"):
+                values = tuple(float(v) for v in getattr(self, name))
+                if len(values) != channels:
+                    raise ValueError(f"{name} needs one number per latent channel ({channels}), got {len(values)}")
+                object.__setattr__(self, name, values)
+            if min(self.latent_std) <= 0:
+                raise ValueError(f"latent_std must be > 0 in every channel, got {self.latent_std}")
 
+    def decode(self, samples: Tensor) -> Tensor:
+        from .vae import SD_VAE_SCALE_FACTOR, decode_latents, load_vae
+
+        if self.latent_mean is not None:  # (z - mean) / std -> the scale-factor form decode_latents takes
+            mean = samples.new_tensor(self.latent_mean).view(1, -1, 1, 1)
+            std = samples.new_tensor(self.latent_std).view(1, -1, 1, 1)
+            samples = (samples * std + mean) * SD_VAE_SCALE_FACTOR
         vae = load_vae(self.vae, device=samples.device)
         return decode_latents(vae, samples, batch_size=self.decode_batch_size)  # (B, 3, H, W) in [-1, 1]
 
@@ -122,8 +147,10 @@ class LatentEncoder(Encoder):
         return self if vae is None else replace(self, vae=vae)
 
     def to_dict(self) -> dict[str, Any]:
+        normalisation = {} if self.latent_mean is None else {"latent_mean": list(self.latent_mean),
+                                                              "latent_std": list(self.latent_std)}
         return {**super().to_dict(), "vae": self.vae, "downsampling": self.downsampling,
-                "image_channels": self.image_channels}
+                "image_channels": self.image_channels, **normalisation}
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+import torch
 from torch import Tensor, nn
 
-from .conditions import ConditionsLike
+from .conditions import Conditions, ConditionsLike, as_conditions
 from .sampling import OdeMethod, sample, sample_ode
-from .validation import check_known_keys, parse_enum
+from .validation import check_known_keys, check_number, parse_enum
 
 
 class Sampler:
@@ -90,9 +91,42 @@ class VelocityOdeSampler(Sampler):
         return {"name": self.name, "method": self.method.value}
 
 
+@dataclass(frozen=True)
+class ImfSampler(Sampler):
+    """Average-velocity steps (Eq. 3) of a network conditioned on a guidance scale and interval
+    (Improved MeanFlow): ``guidance_scale`` (omega) and ``interval`` ([t_min, t_max]) are given
+    at call time and reach the network as its conditions, the same for every sample and step.
+    Guidance is learnt, not computed: 1 NFE per step whatever the scale; ``null_label`` is unused.
+    """
+
+    name: ClassVar[str] = "imf"
+    default_steps: ClassVar[int] = 1
+
+    def __call__(self, model, noise, conditions=None, *, num_steps, intermediate=None, guidance_scale=1.0,
+                 null_label=None, interval=(0.0, 1.0)):
+        check_number("guidance_scale (omega)", guidance_scale, 1.0)
+        t_min, t_max = interval
+        check_number("interval start t_min", t_min, 0.0, 1.0)
+        check_number("interval end t_max", t_max, t_min, 1.0)
+        batch = noise.shape[0]
+        record = Conditions(labels=as_conditions(conditions).labels,
+                            guidance_scale=torch.full((batch,), float(guidance_scale), device=noise.device,
+                                                      dtype=noise.dtype),
+                            guidance_interval=torch.tensor([[float(t_min), float(t_max)]], device=noise.device,
+                                                           dtype=noise.dtype).expand(batch, 2))
+        return sample(model, noise, record, num_steps=num_steps, intermediate=intermediate)
+
+    def nfe(self, num_steps: int, guidance_scale: float = 1.0) -> int:
+        return num_steps
+
+    def describe(self, num_steps: int, intermediate: Optional[float] = None) -> str:
+        return AverageVelocitySampler().describe(num_steps, intermediate)
+
+
 SAMPLERS: dict[str, type[Sampler]] = {
     AverageVelocitySampler.name: AverageVelocitySampler,
     VelocityOdeSampler.name: VelocityOdeSampler,
+    ImfSampler.name: ImfSampler,
 }
 
 

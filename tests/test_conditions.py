@@ -68,11 +68,11 @@ class AuxiliaryHeadMLP(MLP):
 
     def __init__(self, config: MLPConfig):
         super().__init__(config)
-        self.velocity_head = nn.Linear(config.data_dim, config.data_dim)
+        self.extra_head = nn.Linear(config.data_dim, config.data_dim)
 
     def forward(self, z, r, t, conditions=None):
         u = super().forward(z, r, t, conditions)
-        return ModelOutput(u=u, v=self.velocity_head(z))
+        return ModelOutput(u=u, v=self.extra_head(z))
 
 
 def test_a_network_may_return_named_outputs_and_every_part_reads_u():

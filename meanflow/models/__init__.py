@@ -18,6 +18,7 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "mlp": ("meanflow.models.mlp", "MLPConfig", "MLP"),
     "dit": ("meanflow.models.dit", "DiTConfig", "DiT"),
     "unet": ("meanflow.models.unet", "UNetConfig", "UNet"),
+    "imf_dit": ("meanflow.models.imf_dit", "ImfDiTConfig", "ImfDiT"),
 }
 
 

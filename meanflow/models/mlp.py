@@ -7,9 +7,9 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..conditions import ConditionsLike
+from ..conditions import GUIDANCE_INTERVAL, GUIDANCE_SCALE, ConditionsLike, ModelOutput, as_conditions
 from .base import AverageVelocityNetwork
-from .embeddings import TimeConditioning
+from .embeddings import ScalarEmbedder, TimeConditioning
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class MLPConfig:
     data_dim: size of each sample (2 for the toys); hidden_size: width; depth: hidden layers;
     num_classes: None for unconditional data; frequency_size: sinusoidal features per time;
     condition_blocks: also add a learned projection of the conditioning vector inside every
-    block (not only at the input).
+    block (not only at the input); guidance_conditions: also take the guidance scale omega and
+    interval [t_min, t_max] as conditions (Improved MeanFlow); auxiliary_velocity: also return
+    an instantaneous velocity from a second head (``ModelOutput(u, v)``, Improved MeanFlow).
     """
 
     data_dim: int = 2
@@ -28,8 +30,13 @@ class MLPConfig:
     num_classes: Optional[int] = None
     frequency_size: int = 64
     condition_blocks: bool = True
+    guidance_conditions: bool = False
+    auxiliary_velocity: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("condition_blocks", "guidance_conditions", "auxiliary_velocity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MLPConfig.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("data_dim", "hidden_size", "depth", "frequency_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MLPConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -52,6 +59,11 @@ class MLP(AverageVelocityNetwork):
     block: u(z, 0, 1) (the whole transport map) and u(z, t, t) (a local velocity) are very
     different functions of z, and conditioning at the input only leaves the deeper layers blind
     to which one is asked for. The last layer starts at zero, so a fresh model predicts u = 0.
+
+    With ``guidance_conditions`` the conditioning vector also holds embed(1 - 1/omega) +
+    embed(t_min) + embed(t_max) (the official imfDiT embeds the scale as 1 - 1/omega, which maps
+    [1, inf) to [0, 1)); with ``auxiliary_velocity`` a second small head reads the same trunk and
+    the call returns ``ModelOutput(u, v)``, v an instantaneous velocity (zero at start too).
     """
 
     def __init__(self, config: MLPConfig):
@@ -69,10 +81,34 @@ class MLP(AverageVelocityNetwork):
         self.output = nn.Sequential(nn.SiLU(), nn.Linear(width, config.data_dim))
         nn.init.zeros_(self.output[1].weight)
         nn.init.zeros_(self.output[1].bias)
+        self.guidance_embedders = nn.ModuleList(
+            ScalarEmbedder(width, config.frequency_size) for _ in range(3 if config.guidance_conditions else 0)
+        )  # 1 - 1/omega, t_min, t_max
+        self.velocity_head = None
+        if config.auxiliary_velocity:
+            self.velocity_head = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                               nn.Linear(width, config.data_dim))
+            nn.init.zeros_(self.velocity_head[3].weight)
+            nn.init.zeros_(self.velocity_head[3].bias)
 
-    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None) -> Tensor:
-        """z: (B, D); r, t: (B,); conditions: labels (B,) or None -> u (B, D)."""
+    @property
+    def accepted_conditions(self) -> frozenset[str]:
+        guidance = {GUIDANCE_SCALE, GUIDANCE_INTERVAL} if self.config.guidance_conditions else set()
+        return super().accepted_conditions | guidance
+
+    @property
+    def auxiliary_velocity(self) -> bool:
+        """True if the call returns an auxiliary instantaneous velocity ``v`` beside ``u``."""
+        return self.config.auxiliary_velocity
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None) -> Tensor | ModelOutput:
+        """z: (B, D); r, t: (B,); conditions: labels (B,), a Conditions record or None.
+
+        Returns u (B, D), or ``ModelOutput(u, v)`` (each (B, D)) with ``auxiliary_velocity``.
+        """
         c = self.conditioning(r, t, self.read_labels(conditions))  # (B, W)
+        if self.guidance_embedders:
+            c = c + self._guidance_embedding(as_conditions(conditions))  # (B, W)
         h = self.input(z) + c  # (B, W)
         c = nn.functional.silu(c)
         for index, block in enumerate(self.blocks):
@@ -80,7 +116,20 @@ class MLP(AverageVelocityNetwork):
                 h = h + block(h + self.block_conditioning[index](c))  # (B, W) residual
             else:
                 h = h + block(h)
-        return self.output(h)  # (B, D)
+        u = self.output(h)  # (B, D)
+        if self.velocity_head is None:
+            return u
+        return ModelOutput(u=u, v=self.velocity_head(h))  # v: (B, D)
+
+    def _guidance_embedding(self, conditions) -> Tensor:
+        """embed(1 - 1/omega) + embed(t_min) + embed(t_max). -> (B, W)"""
+        omega, interval = conditions.guidance_scale, conditions.guidance_interval
+        if omega is None or interval is None:
+            raise ValueError("this MLP is conditioned on the guidance scale and interval (guidance_conditions=True): "
+                             "pass Conditions(guidance_scale=(B,), guidance_interval=(B, 2))")
+        dtype = self.input.weight.dtype
+        scale, start, end = self.guidance_embedders
+        return scale(1.0 - 1.0 / omega.to(dtype)) + start(interval[:, 0].to(dtype)) + end(interval[:, 1].to(dtype))
 
 
 def _known_fields(cls, data: dict) -> dict:

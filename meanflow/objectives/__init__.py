@@ -2,6 +2,7 @@
 
 from .base import NoiseTimeObjective, Objective
 from .flow_matching import FlowMatching, FlowMatchingSettings
+from .imf import ImfSettings, ImfTerms, ImprovedMeanFlow
 from .guidance import TrainingGuidance, guided_velocity
 from .loss import AdaptiveWeighting, LossOutput
 from .meanflow import MeanFlow, MeanFlowSettings
@@ -13,6 +14,9 @@ __all__ = [
     "AdaptiveWeighting",
     "FlowMatching",
     "FlowMatchingSettings",
+    "ImfSettings",
+    "ImfTerms",
+    "ImprovedMeanFlow",
     "LossOutput",
     "MaskMode",
     "MeanFlow",

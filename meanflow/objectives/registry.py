@@ -13,11 +13,13 @@ from torch import nn
 
 from .base import Objective
 from .flow_matching import FlowMatching
+from .imf import ImprovedMeanFlow
 from .meanflow import MeanFlow
 
 OBJECTIVES: dict[str, type[Objective]] = {
     MeanFlow.name: MeanFlow,
     FlowMatching.name: FlowMatching,
+    ImprovedMeanFlow.name: ImprovedMeanFlow,
 }
 
 

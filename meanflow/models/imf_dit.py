@@ -1,0 +1,474 @@
+"""The Improved MeanFlow transformer (imfDiT): in-context conditioning, a shared trunk, u and v heads.
+
+Follows the official model of Lyy-iiis/imeanflow (``models/imfDiT.py``, JAX on ``main`` and
+PyTorch on the ``torch`` branch; FAMILY.md F1). Unlike the DiT of :mod:`meanflow.models.dit`
+there is no adaLN: every condition is embedded and added to a few learned tokens, and those
+tokens are put in front of the patch tokens::
+
+    [class x8 | omega x4 | t_min x2 | t_max x2 | time x4 | patches x N]
+
+The time tokens embed only ``h = t - r`` (``t`` reaches the network through ``z_t``), the omega
+tokens embed the guidance scale as ``1 - 1/omega``. Blocks are pre-norm with RMSNorm, attention
+without biases, an RMSNorm on queries and keys per head followed by a 1-D rotary embedding over
+the whole sequence (adjacent channel pairs rotated), a SwiGLU MLP of width ``int(8/3 H)``, and
+residual branches scaled by per-channel vectors that start at zero. The first
+``depth - aux_head_depth`` blocks are shared; then the sequence goes through two heads of
+``aux_head_depth`` blocks each: ``u`` (average velocity) and ``v`` (the auxiliary instantaneous
+velocity). The conditioning tokens are dropped before each head's final layer (RMSNorm, then a
+zero-initialised linear), so a fresh model outputs exactly zero.
+
+Parameter names are the official PyTorch state-dict keys without the ``net.`` prefix and the
+``._flax_linear`` / ``._flax_embedding`` wrapper segments (docs/imf.md lists them), so the
+official files load through a rename table.
+
+There is no explicit tangent: ``torch.func.jvp`` goes through :meth:`ImfDiT.forward` (the
+attention switches to its math path under forward-mode AD; everything else is plain ops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..conditions import (
+    GUIDANCE_INTERVAL,
+    GUIDANCE_SCALE,
+    LABELS,
+    ConditionsLike,
+    ModelOutput,
+    as_conditions,
+    check_accepted,
+)
+from .attention import attention
+from .base import AverageVelocityNetwork
+from .embeddings import ScalarEmbedder
+
+
+@dataclass(frozen=True)
+class ImfDiTConfig:
+    """The architecture of an :class:`ImfDiT`; plain data, saved with checkpoints as JSON.
+
+    Attributes:
+        input_size: the spatial size H = W of the input.
+        in_channels: the number of channels C of the input (and of each output).
+        patch_size: the side of a square patch; ``input_size`` must be a multiple of it.
+        hidden_size: the token width; a multiple of ``num_heads`` with an even head width (RoPE
+            rotates channel pairs).
+        depth: the number of transformer blocks on the ``u`` path: shared trunk plus ``u`` head.
+        num_heads: the number of attention heads.
+        num_classes: the number of classes (the null class id ``num_classes`` is added on top).
+        aux_head_depth: the blocks of each head after the split (official: 8).
+        mlp_ratio: the SwiGLU hidden width as a multiple of ``hidden_size`` (official: 8/3).
+        num_class_tokens, num_cfg_tokens, num_interval_tokens, num_time_tokens: the conditioning
+            tokens per condition (official: 8, 4, 2 each for t_min and t_max, 4).
+        auxiliary_head: build the ``v`` head's blocks. False is the official ``eval_mode``: the
+            ``v`` blocks are absent, the ``v`` final layer is kept (the released files hold it),
+            and the output has ``v = None``.
+        frequency_size: sinusoidal features per scalar embedding (even; official: 256).
+        rope_theta: the base of the rotary frequencies (official: 10^4).
+        token_init_constant, embedding_init_constant, weight_init_constant: the official
+            initialisation scales (std = constant / sqrt(fan-in)): 1.0, 1.0, 0.32.
+    """
+
+    input_size: int
+    in_channels: int
+    patch_size: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    num_classes: int
+    aux_head_depth: int = 8
+    mlp_ratio: float = 8 / 3
+    num_class_tokens: int = 8
+    num_cfg_tokens: int = 4
+    num_interval_tokens: int = 2
+    num_time_tokens: int = 4
+    auxiliary_head: bool = True
+    frequency_size: int = 256
+    rope_theta: float = 10_000.0
+    token_init_constant: float = 1.0
+    embedding_init_constant: float = 1.0
+    weight_init_constant: float = 0.32
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads",
+                     "num_classes", "aux_head_depth", "num_class_tokens", "num_cfg_tokens",
+                     "num_interval_tokens", "num_time_tokens", "frequency_size"):
+            _require_positive_int(name, getattr(self, name))
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input_size ({self.input_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"the head width hidden_size / num_heads must be even for RoPE, got "
+                             f"{self.hidden_size // self.num_heads}")
+        if self.aux_head_depth > self.depth:
+            raise ValueError(f"aux_head_depth ({self.aux_head_depth}) must be at most depth ({self.depth})")
+        if self.frequency_size % 2:
+            raise ValueError(f"frequency_size must be even, got {self.frequency_size}")
+        if not isinstance(self.auxiliary_head, bool):
+            raise ValueError(f"auxiliary_head must be a bool, got {self.auxiliary_head!r}")
+        for name in ("mlp_ratio", "rope_theta", "token_init_constant", "embedding_init_constant",
+                     "weight_init_constant"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if self.mlp_hidden_size < 1:
+            raise ValueError(
+                f"mlp_ratio ({self.mlp_ratio}) times hidden_size ({self.hidden_size}) must be at least 1"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        """The number of patches along each side: ``input_size // patch_size``."""
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """The number of patch tokens N: ``grid_size ** 2``."""
+        return self.grid_size**2
+
+    @property
+    def prefix_tokens(self) -> int:
+        """The number of conditioning tokens P in front of the patches."""
+        return self.num_class_tokens + self.num_cfg_tokens + 2 * self.num_interval_tokens + self.num_time_tokens
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """The SwiGLU hidden width, ``int(hidden_size * mlp_ratio)`` as the official code rounds it."""
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-able data; :meth:`from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImfDiTConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys raise a ValueError."""
+        valid = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown ImfDiTConfig field(s) {unknown}; valid fields are {valid}")
+        return cls(**data)
+
+
+def _require_positive_int(name: str, value: Any) -> None:
+    # bool is an int subclass; True as a depth is a typo, not a choice.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _normal_fan_in(weight: Tensor, constant: float) -> None:
+    """The official ``scaled_variance`` init: normal with std = constant / sqrt(fan-in)."""
+    nn.init.normal_(weight, std=constant / math.sqrt(weight.shape[1]))
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, in plain ops (forward-mode AD safe)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., D) -> (..., D)."""
+        return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_angles(head_dim: int, length: int, theta: float = 10_000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles ``position * theta^(-2i / head_dim)``, as the official
+    ``precompute_rope_freqs`` (float32). Returns (L, head_dim / 2) twice."""
+    frequencies = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), frequencies)  # (L, hd/2)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each adjacent channel pair ``(x[2i], x[2i+1])`` of position ``n`` by its angle.
+
+    The official code views the pairs as complex numbers and multiplies by ``exp(i angle)``; this
+    is the same rotation in real arithmetic (forward-mode AD has no trouble with it).
+    x: (B, H, L, hd); cos, sin: (L, hd / 2) -> (B, H, L, hd), at least float32 precision.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    pairs = x.to(dtype).unflatten(-1, (-1, 2))  # (B, H, L, hd/2, 2)
+    real, imag = pairs.unbind(-1)  # (B, H, L, hd/2) each
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)  # (B, H, L, hd/2, 2)
+    return rotated.flatten(-2).to(x.dtype)  # (B, H, L, hd)
+
+
+class RoPEAttention(nn.Module):
+    """Self-attention without biases, QK RMSNorm per head, then RoPE. (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (B, L, D); cos, sin: (L, hd / 2) -> (B, L, D)."""
+        batch, length, width = x.shape
+        heads = self.num_heads
+
+        def split(projection: nn.Linear) -> Tensor:
+            return projection(x).view(batch, length, heads, width // heads).transpose(1, 2)  # (B, H, L, hd)
+
+        q = apply_rope(self.q_norm(split(self.q_proj)), cos, sin)  # (B, H, L, hd)
+        k = apply_rope(self.k_norm(split(self.k_proj)), cos, sin)  # (B, H, L, hd)
+        out = attention(q, k, split(self.v_proj))  # (B, H, L, hd); fused unless under forward-mode AD
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))  # (B, L, D)
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)`` without biases. (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, hidden_size: int, mlp_hidden_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, mlp_hidden_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, mlp_hidden_size, bias=False)
+        self.w2 = nn.Linear(mlp_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block whose two residual branches are scaled by per-channel vectors, zero at init."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden_size: int):
+        super().__init__()
+        self.norm1 = RMSNorm(hidden_size)
+        self.attn = RoPEAttention(hidden_size, num_heads)
+        self.norm2 = RMSNorm(hidden_size)
+        self.mlp = SwiGLU(hidden_size, mlp_hidden_size)
+        self.attn_scale = nn.Parameter(torch.zeros(hidden_size))
+        self.mlp_scale = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (B, L, D) -> (B, L, D)."""
+        x = x + self.attn(self.norm1(x), cos, sin) * self.attn_scale  # (B, L, D)
+        return x + self.mlp(self.norm2(x)) * self.mlp_scale  # (B, L, D)
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm, then a linear (zero at init) from each token to its patch. (B, N, D) -> (B, N, p * p * C)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = RMSNorm(hidden_size)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.norm(x))
+
+
+class PatchEmbedder(nn.Module):
+    """(B, C, H, W) -> (B, N, D): a strided convolution, tokens in row-major order."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.proj(z).flatten(2).transpose(1, 2)  # (B, D, G, G) -> (B, N, D)
+
+
+class ClassEmbedder(nn.Module):
+    """Class labels -> vectors; row ``num_classes`` is the null class. (B,) -> (B, D)."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.embedding_table(labels)
+
+
+class ImfDiT(AverageVelocityNetwork):
+    """The iMF transformer: ``model(z, r, t, conditions) -> ModelOutput(u, v)``.
+
+    Takes (and requires) the conditions ``labels`` (B,), ``guidance_scale`` (B,) omega and
+    ``guidance_interval`` (B, 2) ``[t_min, t_max]``. ``u`` is the average velocity over [r, t],
+    ``v`` the auxiliary head's instantaneous velocity at t (None with ``auxiliary_head=False``).
+    A fresh model outputs exactly zero (zero final linears and residual scales).
+    """
+
+    def __init__(self, config: ImfDiTConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.x_embedder = PatchEmbedder(config.in_channels, hidden, config.patch_size)
+        self.h_embedder = ScalarEmbedder(hidden, config.frequency_size)
+        self.omega_embedder = ScalarEmbedder(hidden, config.frequency_size)
+        self.cfg_t_start_embedder = ScalarEmbedder(hidden, config.frequency_size)
+        self.cfg_t_end_embedder = ScalarEmbedder(hidden, config.frequency_size)
+        self.y_embedder = ClassEmbedder(config.num_classes, hidden)
+        self.time_tokens = nn.Parameter(torch.empty(config.num_time_tokens, hidden))
+        self.class_tokens = nn.Parameter(torch.empty(config.num_class_tokens, hidden))
+        self.omega_tokens = nn.Parameter(torch.empty(config.num_cfg_tokens, hidden))
+        self.t_min_tokens = nn.Parameter(torch.empty(config.num_interval_tokens, hidden))
+        self.t_max_tokens = nn.Parameter(torch.empty(config.num_interval_tokens, hidden))
+        # Fixed, rebuilt from the config, so they stay out of state_dict (as in the official model).
+        cos, sin = rope_angles(hidden // config.num_heads, config.prefix_tokens + config.num_patches,
+                               config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (L, hd/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+        def blocks(count: int) -> nn.ModuleList:
+            return nn.ModuleList(
+                TransformerBlock(hidden, config.num_heads, config.mlp_hidden_size) for _ in range(count)
+            )
+
+        self.shared_blocks = blocks(config.depth - config.aux_head_depth)
+        self.u_heads = blocks(config.aux_head_depth)
+        self.v_heads = blocks(config.aux_head_depth if config.auxiliary_head else 0)
+        self.u_final_layer = FinalLayer(hidden, config.patch_size, config.in_channels)
+        self.v_final_layer = FinalLayer(hidden, config.patch_size, config.in_channels)
+        self.reset_parameters()
+
+    @property
+    def accepted_conditions(self) -> frozenset[str]:
+        return frozenset({LABELS, GUIDANCE_SCALE, GUIDANCE_INTERVAL})
+
+    @property
+    def auxiliary_velocity(self) -> bool:
+        """True when the output carries the auxiliary head's velocity ``v``."""
+        return self.config.auxiliary_head
+
+    def reset_parameters(self) -> None:
+        """The official initialisation (std = constant / sqrt(fan-in) unless said otherwise)."""
+        config = self.config
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                _normal_fan_in(module.weight, config.weight_init_constant)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, TransformerBlock):
+                nn.init.zeros_(module.attn_scale)
+                nn.init.zeros_(module.mlp_scale)
+        for embedder in (self.h_embedder, self.omega_embedder, self.cfg_t_start_embedder,
+                         self.cfg_t_end_embedder):
+            _normal_fan_in(embedder.mlp[0].weight, config.embedding_init_constant)
+            _normal_fan_in(embedder.mlp[2].weight, config.embedding_init_constant)
+        table = self.y_embedder.embedding_table.weight
+        nn.init.normal_(table, std=config.embedding_init_constant / math.sqrt(config.hidden_size))
+        for tokens in (self.time_tokens, self.class_tokens, self.omega_tokens, self.t_min_tokens,
+                       self.t_max_tokens):
+            nn.init.normal_(tokens, std=config.token_init_constant / math.sqrt(config.hidden_size))
+        # Xavier-uniform over the flattened patch (fan-in C * p * p), as a linear on patches.
+        weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for final in (self.u_final_layer, self.v_final_layer):
+            nn.init.zeros_(final.linear.weight)
+            nn.init.zeros_(final.linear.bias)
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None) -> ModelOutput:
+        """The average velocity over [r, t] and the auxiliary velocity at t.
+
+        Args:
+            z: (B, C, H, W) the noisy state z_t.
+            r, t: (B,) the times, ``r <= t``; only ``h = t - r`` is embedded.
+            conditions: a Conditions record with ``labels`` (B,) int64 in ``[0, num_classes]``,
+                ``guidance_scale`` (B,) omega > 0 and ``guidance_interval`` (B, 2) [t_min, t_max].
+        Returns:
+            ModelOutput with ``u`` and ``v``, (B, C, H, W) each (``v`` None without the head).
+        """
+        config = self.config
+        y, omega, interval = self._read_conditions(conditions, z)
+        batch, p, g, prefix = z.shape[0], config.patch_size, config.grid_size, config.prefix_tokens
+
+        h = t - r  # (B,)
+        def tokens(base: Tensor, embedding: Tensor) -> Tensor:
+            return base[None] + embedding[:, None, :]  # (B, K, D)
+
+        seq = torch.cat([
+            tokens(self.class_tokens, self.y_embedder(y)),
+            tokens(self.omega_tokens, self.omega_embedder(1 - 1 / omega)),
+            tokens(self.t_min_tokens, self.cfg_t_start_embedder(interval[:, 0])),
+            tokens(self.t_max_tokens, self.cfg_t_end_embedder(interval[:, 1])),
+            tokens(self.time_tokens, self.h_embedder(h)),
+            self.x_embedder(z),  # (B, N, D)
+        ], dim=1)  # (B, P + N, D)
+        cos, sin = self.rope_cos, self.rope_sin
+        for block in self.shared_blocks:
+            seq = block(seq, cos, sin)  # (B, P + N, D)
+
+        def head(blocks: nn.ModuleList, final: FinalLayer) -> Tensor:
+            x = seq
+            for block in blocks:
+                x = block(x, cos, sin)  # (B, P + N, D)
+            x = final(x[:, prefix:])  # (B, N, p * p * C): the conditioning tokens dropped
+            x = x.reshape(batch, g, g, p, p, config.in_channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, G, p, G, p)
+            return x.reshape(batch, config.in_channels, g * p, g * p)  # (B, C, H, W)
+
+        u = head(self.u_heads, self.u_final_layer)
+        v = head(self.v_heads, self.v_final_layer) if config.auxiliary_head else None
+        return ModelOutput(u=u, v=v)
+
+    def _read_conditions(self, conditions: ConditionsLike, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        config = self.config
+        expected = (config.in_channels, config.input_size, config.input_size)
+        if z.dim() != 4 or tuple(z.shape[1:]) != expected:
+            raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {tuple(z.shape)}")
+        conditions = as_conditions(conditions)
+        check_accepted(conditions, self.accepted_conditions, type(self).__name__)
+        missing = self.accepted_conditions - conditions.present()
+        if missing:
+            raise ValueError(f"ImfDiT requires the conditions {sorted(self.accepted_conditions)}; "
+                             f"missing {sorted(missing)}")
+        batch = z.shape[0]
+        y, omega, interval = conditions.labels, conditions.guidance_scale, conditions.guidance_interval
+        if y.shape != (batch,) or omega.shape != (batch,) or interval.shape != (batch, 2):
+            raise ValueError(f"labels and guidance_scale must be ({batch},) and guidance_interval "
+                             f"({batch}, 2); got {tuple(y.shape)}, {tuple(omega.shape)}, "
+                             f"{tuple(interval.shape)}")
+        return y, omega, interval
+
+
+def _imagenet_latent_preset(depth: int, hidden_size: int, num_heads: int) -> ImfDiTConfig:
+    # SD-VAE latents of ImageNet 256 images: 32x32x4, 1000 classes, patch 2 (official configs).
+    return ImfDiTConfig(input_size=32, in_channels=4, patch_size=2, hidden_size=hidden_size,
+                        depth=depth, num_heads=num_heads, num_classes=1000, aux_head_depth=8)
+
+
+IMF_DIT_PRESETS: dict[str, ImfDiTConfig] = {
+    "iMF-B/2": _imagenet_latent_preset(depth=12, hidden_size=768, num_heads=12),
+    "iMF-M/2": _imagenet_latent_preset(depth=24, hidden_size=768, num_heads=12),
+    "iMF-L/2": _imagenet_latent_preset(depth=32, hidden_size=1024, num_heads=16),
+    "iMF-XL/2": _imagenet_latent_preset(depth=48, hidden_size=1024, num_heads=16),
+}
+"""The official imfDiT_{B,M,L,XL}_2 configurations (models/imfDiT.py, end of file), by name."""
+
+
+def imf_dit_preset(name: str, **overrides: Any) -> ImfDiTConfig:
+    """The preset ``name`` from :data:`IMF_DIT_PRESETS`, with fields replaced by ``overrides``
+    (e.g. ``auxiliary_head=False`` for the released inference files)."""
+    if name not in IMF_DIT_PRESETS:
+        raise ValueError(f"unknown iMF DiT preset {name!r}; valid names are {sorted(IMF_DIT_PRESETS)}")
+    valid = [field.name for field in dataclasses.fields(ImfDiTConfig)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown ImfDiTConfig field(s) {unknown}; valid fields are {valid}")
+    return dataclasses.replace(IMF_DIT_PRESETS[name], **overrides)
