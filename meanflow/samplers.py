@@ -11,7 +11,7 @@ the run's own sampler without being told.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,13 @@ from .validation import check_known_keys, check_number, parse_enum
 
 class Sampler:
     """Base of the samplers: ``sampler(model, noise, conditions, num_steps=...)`` -> samples."""
+
+    def with_guidance(self, omega: Optional[float] = None, interval: Optional[Sequence[float]] = None) -> "Sampler":
+        """This sampler at a learnt guidance setting; only networks conditioned on one (iMF) have it."""
+        if omega is None and interval is None:
+            return self
+        raise ValueError(f"this run's {self.name} sampler has no learnt guidance to set (--omega / --interval are "
+                         "for iMF runs); classifier-free guidance at inference is --guidance-scale")
 
     name: ClassVar[str]
     default_steps: ClassVar[int]
@@ -94,25 +101,40 @@ class VelocityOdeSampler(Sampler):
 @dataclass(frozen=True)
 class ImfSampler(Sampler):
     """Average-velocity steps (Eq. 3) of a network conditioned on a guidance scale and interval
-    (Improved MeanFlow): ``guidance_scale`` (omega) and ``interval`` ([t_min, t_max]) are given
-    at call time and reach the network as its conditions, the same for every sample and step.
-    Guidance is learnt, not computed: 1 NFE per step whatever the scale; ``null_label`` is unused.
+    (Improved MeanFlow). ``omega`` and ``interval`` ([t_min, t_max]) reach the network as its
+    conditions, the same for every sample and step; they are the run's defaults, stored in its
+    record, and :meth:`with_guidance` picks others at inference. Guidance is learnt, not computed:
+    1 NFE per step whatever the setting, and no classifier-free (two-pass) guidance on top.
     """
 
+    omega: float = 1.0
+    interval: tuple = (0.0, 1.0)
     name: ClassVar[str] = "imf"
     default_steps: ClassVar[int] = 1
 
-    def __call__(self, model, noise, conditions=None, *, num_steps, intermediate=None, guidance_scale=1.0,
-                 null_label=None, interval=(0.0, 1.0)):
-        check_number("guidance_scale (omega)", guidance_scale, 1.0)
-        t_min, t_max = interval
+    def __post_init__(self) -> None:
+        check_number("omega (the guidance scale an iMF network is conditioned on)", self.omega, 1.0)
+        if not isinstance(self.interval, (list, tuple)) or len(self.interval) != 2:
+            raise ValueError(f"the guidance interval must be two times [t_min, t_max], got {self.interval!r}")
+        t_min, t_max = self.interval
         check_number("interval start t_min", t_min, 0.0, 1.0)
         check_number("interval end t_max", t_max, t_min, 1.0)
+        object.__setattr__(self, "interval", (float(t_min), float(t_max)))
+        object.__setattr__(self, "omega", float(self.omega))
+
+    def with_guidance(self, omega: Optional[float] = None, interval: Optional[Sequence[float]] = None) -> "ImfSampler":
+        """The same sampler at another guidance scale and / or interval (None keeps the current one)."""
+        return ImfSampler(self.omega if omega is None else omega, self.interval if interval is None else interval)
+
+    def __call__(self, model, noise, conditions=None, *, num_steps, intermediate=None, guidance_scale=1.0,
+                 null_label=None):
+        if guidance_scale != 1.0:
+            raise ValueError("an iMF network learns its guidance: choose it with omega (--omega) and the interval "
+                             "(--interval), not with classifier-free guidance (--guidance-scale)")
         batch = noise.shape[0]
         record = Conditions(labels=as_conditions(conditions).labels,
-                            guidance_scale=torch.full((batch,), float(guidance_scale), device=noise.device,
-                                                      dtype=noise.dtype),
-                            guidance_interval=torch.tensor([[float(t_min), float(t_max)]], device=noise.device,
+                            guidance_scale=torch.full((batch,), self.omega, device=noise.device, dtype=noise.dtype),
+                            guidance_interval=torch.tensor([list(self.interval)], device=noise.device,
                                                            dtype=noise.dtype).expand(batch, 2))
         return sample(model, noise, record, num_steps=num_steps, intermediate=intermediate)
 
@@ -120,7 +142,11 @@ class ImfSampler(Sampler):
         return num_steps
 
     def describe(self, num_steps: int, intermediate: Optional[float] = None) -> str:
-        return AverageVelocitySampler().describe(num_steps, intermediate)
+        t_min, t_max = self.interval
+        return f"{AverageVelocitySampler().describe(num_steps, intermediate)}_w{self.omega:g}_i{t_min:g}-{t_max:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "omega": self.omega, "interval": list(self.interval)}
 
 
 SAMPLERS: dict[str, type[Sampler]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,7 +228,7 @@ def test_sampler_passes_the_guidance_inputs_at_one_nfe_a_step():
         return z * conditions.guidance_scale[:, None] + conditions.guidance_interval[:, :1]
 
     noise = torch.ones(3, 2)
-    out = sampler(network, noise, torch.tensor([0, 1, 2]), num_steps=2, guidance_scale=4.0, interval=(0.25, 0.75))
+    out = sampler.with_guidance(4.0, (0.25, 0.75))(network, noise, torch.tensor([0, 1, 2]), num_steps=2)
     assert len(seen) == 2 and (seen[0].guidance_scale == 4.0).all()
     assert (seen[0].guidance_interval == torch.tensor([0.25, 0.75])).all() and (seen[0].labels == torch.arange(3)).all()
     # Two Eq. 3 steps of u = 4 z + 0.25 on [1, 0.5, 0]: z -> z - 0.5 (4 z + 0.25) twice.
@@ -236,7 +237,10 @@ def test_sampler_passes_the_guidance_inputs_at_one_nfe_a_step():
         expected = expected - 0.5 * (4 * expected + 0.25)
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="omega"):
-        sampler(network, noise, num_steps=1, guidance_scale=0.5)
+        sampler.with_guidance(0.5)
+    with pytest.raises(ValueError, match="learns its guidance"):  # no classifier-free guidance on top
+        sampler(network, noise, num_steps=1, guidance_scale=2.0)
+    assert sampler_from_dict(ImfSampler(8.0, (0.4, 0.65)).to_dict()) == ImfSampler(8.0, (0.4, 0.65))
 
 
 def tiny(config, steps=6):
@@ -254,7 +258,7 @@ def test_toy_preset_trains_through_the_registry_and_samples_with_its_own_sampler
     assert result.step == 6 and math.isfinite(result.metrics["loss"])
     loaded = load_model(tmp_path / "run")
     assert loaded.record.method == "imf" and loaded.sampler == ImfSampler()
-    samples = loaded.sampler(loaded.model, torch.randn(5, 2), num_steps=1, guidance_scale=2.0, interval=(0.3, 0.7))
+    samples = loaded.sampler.with_guidance(2.0, (0.3, 0.7))(loaded.model, torch.randn(5, 2), num_steps=1)
     assert samples.shape == (5, 2) and torch.isfinite(samples).all()
 
 
@@ -269,9 +273,63 @@ def test_guidance_inputs_change_the_samples_of_a_trained_class_conditional_toy(t
     train(config, tmp_path / "run", progress=False, data=points, labels=labels)
     loaded = load_model(tmp_path / "run", weights="raw")
     noise, classes = torch.randn(16, 2, generator=generator), torch.arange(16) % CLASSES
-    base = loaded.sampler(loaded.model, noise, classes, num_steps=1, guidance_scale=1.0)
-    again = loaded.sampler(loaded.model, noise, classes, num_steps=1, guidance_scale=1.0)
-    stronger = loaded.sampler(loaded.model, noise, classes, num_steps=1, guidance_scale=6.0)
-    narrower = loaded.sampler(loaded.model, noise, classes, num_steps=1, guidance_scale=1.0, interval=(0.4, 0.6))
+    base = loaded.sampler(loaded.model, noise, classes, num_steps=1)
+    again = loaded.sampler(loaded.model, noise, classes, num_steps=1)
+    stronger = loaded.sampler.with_guidance(6.0)(loaded.model, noise, classes, num_steps=1)
+    narrower = loaded.sampler.with_guidance(interval=(0.4, 0.6))(loaded.model, noise, classes, num_steps=1)
     torch.testing.assert_close(base, again)
     assert (stronger - base).abs().max() > 1e-4 and (narrower - base).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def conditional_toy_run(tmp_path_factory):
+    from meanflow.train import train
+
+    folder = tmp_path_factory.mktemp("imf") / "run"
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, CLASSES, (256,), generator=generator)
+    points = torch.randn(256, 2, generator=generator) * 0.2 + torch.stack([labels.float() - 1, labels.float() % 2], 1)
+    config = tiny(preset("toy-checkerboard-imf"), steps=20).with_overrides([f"model.options.num_classes={CLASSES}"])
+    train(config, folder, progress=False, data=points, labels=labels)
+    return folder
+
+
+def test_the_command_line_samples_an_imf_run_at_any_guidance_in_one_step(conditional_toy_run, tmp_path, capsys):
+    from meanflow.cli import main
+    from meanflow.sample_files import read_sample_file
+
+    common = ["sample", "--checkpoint", str(conditional_toy_run), "--num-samples", "12", "--no-progress",
+              "--weights", "raw"]  # 20 steps: the EMA has hardly left its start
+    assert main(common + ["--output", str(tmp_path / "own.npz")]) == 0
+    assert main(common + ["--omega", "6", "--interval", "0.3,0.7", "--output", str(tmp_path / "w6.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "imf sampler, 1 steps = 1 NFE" in out  # learnt guidance: no second pass at any scale
+    own, labels = read_sample_file(tmp_path / "own.npz")
+    guided, _ = read_sample_file(tmp_path / "w6.npz")
+    assert labels.tolist() == [k % CLASSES for k in range(12)] and np.abs(guided - own).max() > 1e-4
+    assert main(common + ["--interval", "0.7,0.3"]) == 2  # refused before any work
+    assert "T_MIN <= T_MAX" in capsys.readouterr().err
+
+
+def test_the_eval_sweep_covers_scale_by_interval_by_steps_from_one_checkpoint(conditional_toy_run, tmp_path, capsys):
+    import json
+
+    from meanflow.cli import main
+
+    report = tmp_path / "sweep.json"
+    assert main(["eval", "--checkpoint", str(conditional_toy_run), "--num-samples", "64", "--steps", "1", "2",
+                 "--omega", "1", "4", "--interval", "0,1", "0.3,0.7", "--sweep", "--weights", "raw",
+                 "--reference", "checkerboard", "--json", str(report), "--no-progress"]) == 0
+    rows = json.loads(report.read_text())["table"]
+    settings = {(row["sampler"], row["nfe"]) for row in rows}
+    assert len(rows) == 8 and settings == {(f"steps{k}_w{w}_i{a}-{b}", k) for k in (1, 2) for w in (1, 4)
+                                           for a, b in (("0", "1"), ("0.3", "0.7"))}
+
+
+def test_learnt_guidance_options_are_refused_for_runs_without_it(tmp_path, capsys):
+    from meanflow.cli import main
+    from meanflow.train import train
+
+    train(tiny(preset("toy-checkerboard"), steps=2), tmp_path / "plain", progress=False)
+    assert main(["sample", "--checkpoint", str(tmp_path / "plain"), "--omega", "4", "--no-progress"]) == 2
+    assert "has no learnt guidance to set" in capsys.readouterr().err

@@ -239,3 +239,16 @@ def _print_error(command: str, message: str) -> None:
 
 __all__ = ["Parser", "add_config_arguments", "check_output_file", "check_output_folder", "config_from_args",
            "debug_requested", "describe", "expected_exit_code", "positive_int", "run_command", "seed"]
+
+
+def guidance_interval(text: str) -> tuple[float, float]:
+    """argparse type: ``"0.4,0.65"`` -> (0.4, 0.65), the [t_min, t_max] an iMF network is given."""
+    parts = text.split(",")
+    try:
+        t_min, t_max = (float(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an interval is two times T_MIN,T_MAX such as 0.4,0.65; got {text!r}") \
+            from None
+    if not 0.0 <= t_min <= t_max <= 1.0:
+        raise argparse.ArgumentTypeError(f"an interval needs 0 <= T_MIN <= T_MAX <= 1; got {text!r}")
+    return t_min, t_max

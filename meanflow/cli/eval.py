@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .common import check_output_file, check_output_folder, positive_int, seed
+from .common import check_output_file, check_output_folder, guidance_interval, positive_int, seed
 from .eval_report import plot_sweep, print_summary, table_rows
 
 
@@ -59,6 +59,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="labels of conditional samples: every class equally often, or uniform draws")
     parser.add_argument("--intermediate", type=float, nargs="+",
                         help="middle time(s) of 2-step sampling (several only with --sweep)")
+    parser.add_argument("--omega", type=float, nargs="+",
+                        help="iMF runs: guidance scale(s) the network is conditioned on (several only with --sweep; "
+                             "default the run's own)")
+    parser.add_argument("--interval", type=guidance_interval, nargs="+", metavar="T_MIN,T_MAX",
+                        help="iMF runs: guidance interval(s) such as 0.4,0.65 (several only with --sweep)")
     parser.add_argument("--ode", choices=["euler", "heun"],
                         help="integrate u(z, t, t) with this method instead of the run's own sampler (a flow-matching "
                              "run's own is already Euler); the NFE is counted by the sampler (Heun: 2k - 1)")
@@ -138,7 +143,8 @@ def settings_from_args(args: argparse.Namespace, device: str, rank: int = 0, wor
         num_samples=args.num_samples, steps=tuple(args.steps), metric=args.metric, reference=args.reference,
         classifier_path=args.classifier, inception_weights=args.inception_weights, batch_size=args.batch_size,
         seed=args.seed, label_mode=args.label_mode, intermediate=intermediates[0] if intermediates else None,
-        ode=args.ode, guidance_scale=args.guidance_scale, precision_recall_samples=args.precision_recall,
+        ode=args.ode, guidance_scale=args.guidance_scale, omega=(args.omega or [None])[0],
+        interval=(args.interval or [None])[0], precision_recall_samples=args.precision_recall,
         save_samples=args.save_samples, cache_dir=args.cache_dir, data_path=args.data_path, vae=args.vae,
         device=device, progress=not args.no_progress, rank=rank, world_size=world_size)
 
@@ -150,8 +156,9 @@ def _evaluate(args: argparse.Namespace, device: str, rank: int, world_size: int)
 
     weights_list = _weights_to_score(args)
     intermediates = list(args.intermediate or [])
-    if not args.sweep and (len(weights_list) > 1 or len(intermediates) > 1):
-        raise ValueError("several --weights or --intermediate values need --sweep")
+    guidance = [(omega, interval) for omega in (args.omega or [None]) for interval in (args.interval or [None])]
+    if not args.sweep and (len(weights_list) > 1 or len(intermediates) > 1 or len(guidance) > 1):
+        raise ValueError("several --weights, --intermediate, --omega or --interval values need --sweep")
     base = settings_from_args(args, device, rank, world_size)
     if args.metric == "domain" and args.train_classifier:
         _train_classifier_if_missing(args, rank, world_size)
@@ -166,11 +173,13 @@ def _evaluate(args: argparse.Namespace, device: str, rank: int, world_size: int)
                                                feature_extractor=extractor))
             continue
         folder = _samples_folder(args, weights)
-        uniform = base.replace(weights=weights, intermediate=None, save_samples=folder)
-        reports.append(evaluate_checkpoint(args.checkpoint, uniform, feature_extractor=extractor))
-        for intermediate in intermediates:
-            middle = uniform.replace(steps=(2,), intermediate=intermediate)
-            reports.append(evaluate_checkpoint(args.checkpoint, middle, feature_extractor=extractor))
+        for omega, interval in guidance:  # an iMF run: scale x interval x steps from one checkpoint
+            uniform = base.replace(weights=weights, intermediate=None, save_samples=folder, omega=omega,
+                                   interval=interval)
+            reports.append(evaluate_checkpoint(args.checkpoint, uniform, feature_extractor=extractor))
+            for intermediate in intermediates:
+                middle = uniform.replace(steps=(2,), intermediate=intermediate)
+                reports.append(evaluate_checkpoint(args.checkpoint, middle, feature_extractor=extractor))
     return reports
 
 

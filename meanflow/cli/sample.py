@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import check_output_file, positive_int, seed
+from .common import check_output_file, guidance_interval, positive_int, seed
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,6 +27,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="an EMA name such as ema_0.9999, or raw (default: the first EMA)")
     parser.add_argument("--label", type=int, help="generate this class only, 0..C-1 (default: all classes in turn)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="inference-time CFG (doubles the NFE)")
+    parser.add_argument("--omega", type=float,
+                        help="iMF runs: the guidance scale the network is conditioned on (default: the run's own; "
+                             "1 NFE a step whatever the value)")
+    parser.add_argument("--interval", type=guidance_interval, metavar="T_MIN,T_MAX",
+                        help="iMF runs: the guidance interval, e.g. 0.4,0.65 (default: the run's own)")
     parser.add_argument("--ode", choices=["euler", "heun"],
                         help="integrate u(z, t, t) with this method instead of the run's own sampler")
     parser.add_argument("--seed", type=seed, default=0, help="sample i starts from noise seeded by (seed, i); >= 0")
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     grid = check_output_file(args.grid, "--grid", "grid.png") if args.grid else None
     loaded = load_model(args.checkpoint, args.weights, device)
     encoder = loaded.encoder.with_vae(args.vae)  # refused at once for runs without latents
-    sampler = ode_sampler(args.ode) or loaded.sampler
+    sampler = (ode_sampler(args.ode) or loaded.sampler).with_guidance(args.omega, args.interval)
     steps = args.steps or sampler.default_steps
     labels = _labels(args, loaded.num_classes)
     if output is None:

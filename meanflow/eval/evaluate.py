@@ -47,7 +47,7 @@ def evaluate_checkpoint(checkpoint: PathLike, settings: EvalSettings, *,
 
     loaded = load_model(checkpoint, settings.weights, settings.device)
     encoder = loaded.encoder.with_vae(settings.vae)
-    sampler = ode_sampler(settings.ode) or loaded.sampler
+    sampler = (ode_sampler(settings.ode) or loaded.sampler).with_guidance(settings.omega, settings.interval)
     if encoder.is_image:
         from .image_scores import score_image_run
 

@@ -53,6 +53,8 @@ class EvalSettings:
         ode: ``euler`` / ``heun`` integrates u(z, t, t) instead of the run's own sampler
             (a flow-matching run's own sampler is already the Euler ODE).
         guidance_scale: inference-time CFG (doubles the NFE).
+        omega, interval: the learnt guidance scale and interval ``(t_min, t_max)`` an iMF run's
+            network is conditioned on (default: the run's own, from its record); 1 NFE a step.
         precision_recall_samples: M, also report improved precision / recall (Kynkäänniemi et
             al.) between the first M samples and M reference images; None: not computed.
         precision_recall_k: the neighbour count k of the manifold estimate (3 in the paper).
@@ -82,6 +84,8 @@ class EvalSettings:
     intermediate: Optional[float] = None
     ode: Optional[OdeMethod] = None
     guidance_scale: float = 1.0
+    omega: Optional[float] = None
+    interval: Optional[tuple] = None
     precision_recall_samples: Optional[int] = None
     precision_recall_k: int = 3
     save_samples: Optional[PathLike] = None
@@ -105,6 +109,13 @@ class EvalSettings:
         check_number("guidance_scale", self.guidance_scale)
         if self.intermediate is not None:
             check_number("intermediate", self.intermediate, 0.0, 1.0, low_open=True, high_open=True)
+        if self.omega is not None or self.interval is not None:
+            from ..samplers import ImfSampler
+
+            checked = ImfSampler(1.0 if self.omega is None else self.omega,
+                                 (0.0, 1.0) if self.interval is None else self.interval)  # validates both
+            if self.interval is not None:
+                object.__setattr__(self, "interval", checked.interval)
         if self.metric is Metric.DOMAIN:
             require_classifier(self.classifier_path)
         self._check_precision_recall()
