@@ -50,6 +50,9 @@ class DataConfig:
     skip_corrupt: skip (and count) unreadable images of a folder instead of failing.
     vae: the diffusers AutoencoderKL (hub name or local folder) that decodes latents for grids and
         evaluation; None (the default): the VAE the latent cache records it was encoded with.
+    latent_normalisation: how name = 'latents' turns a raw VAE latent z into a sample: 'sd_scale'
+        (0.18215 z, MeanFlow's) or 'imf_channels' ((z - mean) / std per channel with Improved
+        MeanFlow's official ImageNet statistics, for 4-channel SD-VAE latents).
     """
 
     name: str = "digits"
@@ -60,11 +63,16 @@ class DataConfig:
     path: Optional[str] = None
     skip_corrupt: bool = False
     vae: Optional[str] = None
+    latent_normalisation: str = "sd_scale"
 
     def __post_init__(self) -> None:
-        from .data import DATASETS
+        from .data import DATASETS, LATENT_NORMALISATIONS
 
         _choice("data", "name", self.name, DATASETS)
+        _choice("data", "latent_normalisation", self.latent_normalisation, LATENT_NORMALISATIONS)
+        if self.latent_normalisation != "sd_scale" and self.name != "latents":
+            _fail("data", "latent_normalisation", f"applies to data.name='latents' only, not {self.name!r}; "
+                                                  "remove it or set it to 'sd_scale'")
         if self.name == "toy":
             from .toys import ToyDistribution
 

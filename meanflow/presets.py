@@ -67,6 +67,50 @@ def toy_checkerboard_imf() -> Config:
     )
 
 
+def _imf(**settings) -> ObjectiveConfig:
+    """An Improved MeanFlow objective with these settings (the rest at the official defaults)."""
+    return ObjectiveConfig("imf", settings)
+
+
+def _small_imf_dit(input_size: int, patch_size: int, hidden_size: int, depth: int, aux_head_depth: int) -> ModelSpec:
+    """A small class-conditional imfDiT on 1-channel images (10 classes), v head built for training."""
+    return ModelSpec("imf_dit", dict(input_size=input_size, in_channels=1, patch_size=patch_size,
+                                     hidden_size=hidden_size, depth=depth, num_heads=4, num_classes=10,
+                                     aux_head_depth=aux_head_depth, frequency_size=hidden_size))
+
+
+def imf_digits() -> Config:
+    """Improved MeanFlow on the 8x8 digits with a tiny class-conditional imfDiT: minutes on a CPU."""
+    config = digits()
+    return Config(
+        data=config.data,
+        # 16 patch tokens + 20 conditioning tokens; trunk of 2 blocks, then u and v heads of 2 each.
+        model=_small_imf_dit(input_size=8, patch_size=2, hidden_size=64, depth=4, aux_head_depth=2),
+        # The official objective settings (ImfSettings' defaults): omega log-uniform in [1, 8], half
+        # the rows r = t, guidance interval drawn per row; the guidance is a network input.
+        objective=_imf(),
+        optim=config.optim,
+        training=config.training,
+        note="scikit-learn's 8x8 digits, class-conditional, Improved MeanFlow (tiny imfDiT, guidance as an input; "
+             "pick it at sampling with --omega / --interval). No paper number.",
+    )
+
+
+def imf_mnist() -> Config:
+    """Improved MeanFlow on MNIST (28x28, patch 4) with a small class-conditional imfDiT."""
+    config = _image_dit("mnist", "MNIST")()
+    return Config(
+        data=config.data,
+        # 49 patch tokens + 20 conditioning tokens; trunk of 2 blocks, then u and v heads of 2 each.
+        model=_small_imf_dit(input_size=28, patch_size=4, hidden_size=128, depth=4, aux_head_depth=2),
+        objective=_imf(),
+        optim=config.optim,
+        training=config.training,
+        note="MNIST, class-conditional, Improved MeanFlow (small imfDiT, patch 4, guidance as an input). "
+             "No paper number.",
+    )
+
+
 def _image_dit(name: str, label: str) -> Callable[[], Config]:
     def build() -> Config:
         return Config(
@@ -113,6 +157,49 @@ def _imagenet(model: str, epochs: int, omega: float, kappa: float, t_min: float,
     return build
 
 
+# The official iMF ImageNet 256 recipe (Lyy-iiis/imeanflow, `main`: configs/default.py, overridden by
+# configs/train_config.yml): AdamW with weight decay 0 (utils/trainstate_util.py l. 65-69; optax's
+# b1 0.9), b2 0.95 (train_config.yml l. 17), lr 1e-4 (l. 14) after a linear warm-up of 10 epochs
+# (l. 15), then constant ("warmup_const", default.py l. 47; utils/lr_utils.py), global batch 1024
+# (train_config.yml l. 13), 640 epochs (l. 12), one constant EMA of 0.9999 (l. 18; default.py
+# l. 45), fp32 (default.py l. 40), flips on (utils/input_pipeline.py l. 119), the last incomplete
+# batch dropped (l. 132). The objective is ImfSettings' defaults (its docstring cites imf.py).
+_IMF_IMAGENET_BATCH = 1024
+_IMF_IMAGENET_STEPS_PER_EPOCH = 1_281_167 // _IMF_IMAGENET_BATCH  # 1251
+_IMF_IMAGENET_EPOCHS = 640
+_IMF_IMAGENET_WARMUP_EPOCHS = 10
+
+
+def _imagenet_imf(model: str, omega: float, interval: tuple, fid: str) -> Callable[[], Config]:
+    def build() -> Config:
+        from .models.imf_dit import imf_dit_preset
+
+        t_min, t_max = interval
+        return Config(
+            data=DataConfig(name="latents", path=None, horizontal_flip=True, latent_normalisation="imf_channels"),
+            model=ModelSpec("imf_dit", imf_dit_preset(model, auxiliary_head=True).to_dict()),
+            objective=_imf(mu=-0.4, sigma=1.0, fraction_r_neq_t=0.5, s_max=7.0, beta=1.0, t_min_low=0.0,
+                           t_min_high=0.5, t_max_low=0.5, t_max_high=1.0, class_dropout=0.1, p=1.0, c=0.01,
+                           auxiliary_weight=1.0),
+            optim=OptimConfig(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
+                              warmup_steps=_IMF_IMAGENET_WARMUP_EPOCHS * _IMF_IMAGENET_STEPS_PER_EPOCH,
+                              decay="constant"),
+            training=TrainingConfig(steps=_IMF_IMAGENET_EPOCHS * _IMF_IMAGENET_STEPS_PER_EPOCH,
+                                    batch_size=_IMF_IMAGENET_BATCH, ema_decays=(0.9999,), log_every=100,
+                                    checkpoint_every=5000, milestone_every=50_000, grid_samples=64,
+                                    grid_steps=(1, 2), sample_every=10_000, precision="fp32"),
+            # The sampler's default cannot be set from the config yet (the objective declares
+            # ImfSampler() at omega 1, interval [0, 1]): sample with --omega and --interval.
+            note=f"ImageNet 256 (SD-VAE latents normalised per channel; set data.path to a cache from `meanflow "
+                 f"encode`), {model}, Improved MeanFlow, {_IMF_IMAGENET_EPOCHS} epochs at batch "
+                 f"{_IMF_IMAGENET_BATCH}. Authors' 1-NFE sampling: --omega {omega:g} --interval {t_min:g},{t_max:g}. "
+                 f"Paper: {fid}.",
+        )
+
+    build.__doc__ = f"The official Improved MeanFlow ImageNet 256 recipe for {model}."
+    return build
+
+
 def cifar10() -> Config:
     """The paper's CIFAR-10 recipe (unconditional U-Net in pixel space, spec section 7)."""
     return Config(
@@ -144,6 +231,16 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "imagenet256-xl2": _imagenet("DiT-XL/2", 240, 0.2, 0.92, 0.0, 0.75, "1-NFE FID 3.43, 2-NFE FID 2.93"),
     "imagenet256-xl2-plus": _imagenet("DiT-XL/2", 1000, 1.0, 0.5, 0.3, 0.8, "2-NFE FID 2.20"),
 }
+PRESETS.update({
+    # FIDs: FAMILY.md F1 (the paper); the official README's table gives the same to +-0.02.
+    "imagenet256-imf-b2": _imagenet_imf("iMF-B/2", 8.0, (0.40, 0.65), "1-NFE FID 3.39"),
+    "imagenet256-imf-m2": _imagenet_imf("iMF-M/2", 10.5, (0.40, 0.60), "1-NFE FID 2.27"),
+    "imagenet256-imf-l2": _imagenet_imf("iMF-L/2", 10.5, (0.40, 0.60), "1-NFE FID 1.86"),
+    "imagenet256-imf-xl2": _imagenet_imf("iMF-XL/2", 8.0, (0.42, 0.62),
+                                         "1-NFE FID 1.72; 2-NFE FID 1.54 with --omega 4 --interval 0.36,0.64"),
+    "imf-digits": imf_digits,
+    "imf-mnist": imf_mnist,
+})
 PRESETS.update({f"toy-{d.value.replace('_', '-')}": toy(d.value) for d in ToyDistribution})
 PRESETS["toy-checkerboard-imf"] = toy_checkerboard_imf
 

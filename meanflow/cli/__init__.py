@@ -20,11 +20,11 @@ import argparse
 from typing import Optional, Sequence
 
 # ``eval`` here is the command module (importing a submodule binds its name in this package).
-from . import demo, encode, eval, info, presets, sample, train  # noqa: A004
+from . import convert, demo, encode, eval, info, presets, sample, train  # noqa: A004
 from .common import Parser, run_command
 
 # In the order ``meanflow --help`` lists them.
-COMMANDS = (train, sample, demo, encode, eval, info, presets)
+COMMANDS = (train, sample, demo, encode, eval, info, presets, convert)
 
 
 _DEBUG_HELP = "on an error, show its traceback too (also: MEANFLOW_DEBUG=1)"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..encoders import Encoder, LatentEncoder, PixelEncoder, PointEncoder
+from .latent_source import LATENT_NORMALISATIONS, LatentNormalisation
 from .sources import BatchSource, TensorBatches, ToyStream
 
 # digits: embedded (scikit-learn); toy: 2-D exact samplers; mnist / fashion-mnist / cifar10:
@@ -64,12 +65,16 @@ def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: 
         from .latent_source import LatentBatches
 
         cache = LatentDataset(config.path)
+        normalisation = LatentNormalisation(config.latent_normalisation)
         source = LatentBatches(config.path, batch_size, seed, rank, world_size, flip=config.horizontal_flip,
-                               class_conditional=config.class_conditional)
+                               class_conditional=config.class_conditional, normalisation=normalisation)
         num_classes = len(cache.class_names) if config.class_conditional else None
         shape = tuple(cache.latent_shape)
+        # The encoder undoes the same normalisation, so grids and evaluation decode what was trained on.
+        mean, std = normalisation.channel_statistics() or (None, None)
         encoder = LatentEncoder(shape, vae=config.vae or cache.manifest["vae"],
-                                downsampling=int(cache.manifest["resolution"]) // shape[-1])
+                                downsampling=int(cache.manifest["resolution"]) // shape[-1],
+                                latent_mean=mean, latent_std=std)
         return source, DataInfo(shape, num_classes, encoder)
     if config.name in ("memory", "npz"):
         from .memory import source_from_config
@@ -82,4 +87,5 @@ def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: 
     return source, DataInfo(tuple(images.shape[1:]), num_classes, PixelEncoder(tuple(images.shape[1:])))
 
 
-__all__ = ["DATASETS", "BatchSource", "DataInfo", "TensorBatches", "ToyStream", "build_source", "load_images"]
+__all__ = ["DATASETS", "LATENT_NORMALISATIONS", "BatchSource", "DataInfo", "LatentNormalisation", "TensorBatches",
+           "ToyStream", "build_source", "load_images"]

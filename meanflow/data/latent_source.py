@@ -1,8 +1,9 @@
 """The training batch source over a latent cache: a fresh posterior sample per draw, read one batch ahead.
 
-Every draw turns the cached moments of an image into ``z = (mean + std * eps) * SD_VAE_SCALE_FACTOR``,
-so the model never sees the same latent twice (the posterior noise is a mild augmentation, as
-in the paper). While the training step runs, the next batch is read from the memory-mapped
+Every draw turns the cached moments of an image into a raw VAE latent ``mean + std * eps``, so
+the model never sees the same latent twice (the posterior noise is a mild augmentation, as in
+the paper), and normalises it: by the SD scale factor (MeanFlow) or per channel by fixed
+statistics (Improved MeanFlow; :class:`LatentNormalisation`). While the training step runs, the next batch is read from the memory-mapped
 cache in a background thread, so the disk read overlaps the step.
 """
 
@@ -14,17 +15,49 @@ import hashlib
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..vae import SD_VAE_SCALE_FACTOR
-from ..validation import PathLike, check_integer
+from ..validation import PathLike, check_integer, parse_enum
 from .latent_dataset import LatentDataset
 
 Batch = tuple[Tensor, Optional[Tensor]]
 Position = tuple[int, int]
+
+# The per-channel statistics of raw SD-VAE (ft-mse) latents of ImageNet 256 that Improved MeanFlow
+# normalises by: Lyy-iiis/imeanflow, utils/vae_util.py (main l. 54-59, torch l. 68-69).
+IMF_LATENT_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
+IMF_LATENT_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
+
+
+class LatentNormalisation(str, enum.Enum):
+    """How a raw VAE latent ``z`` becomes a training sample (``data.latent_normalisation``).
+
+    SD_SCALE: ``0.18215 z`` (MeanFlow, DiT and the SD-VAE convention). IMF_CHANNELS: ``(z - mean)
+    / std`` per channel with :data:`IMF_LATENT_MEAN` and :data:`IMF_LATENT_STD` (Improved
+    MeanFlow's official pipeline; its released models generate latents in this form).
+    """
+
+    SD_SCALE = "sd_scale"
+    IMF_CHANNELS = "imf_channels"
+
+    def channel_statistics(self) -> Optional[tuple[tuple, tuple]]:
+        """(mean, std) per channel for a per-channel normalisation, None for the scale factor."""
+        return (IMF_LATENT_MEAN, IMF_LATENT_STD) if self is LatentNormalisation.IMF_CHANNELS else None
+
+    def apply(self, z: Tensor) -> Tensor:
+        """Raw latents (B, C, h, w) -> training samples (B, C, h, w)."""
+        statistics = self.channel_statistics()
+        if statistics is None:
+            return z * SD_VAE_SCALE_FACTOR
+        mean, std = (z.new_tensor(values).view(1, -1, 1, 1) for values in statistics)
+        return (z - mean) / std
+
+
+LATENT_NORMALISATIONS = tuple(choice.value for choice in LatentNormalisation)
 
 
 def _derived_seed(*values: int) -> int:
@@ -98,9 +131,10 @@ class LatentBatches:
     process ``rank`` takes rows ``[rank * batch_size, (rank + 1) * batch_size)`` and the last
     incomplete global batch of an epoch is dropped. Each image then becomes::
 
-        z = (mean + std * eps) * SD_VAE_SCALE_FACTOR,   eps ~ N(0, I)
+        z = normalise(mean + std * eps),   eps ~ N(0, I)
 
-    using the mirrored image's (mean, std) with probability 1/2 when ``flip`` is set. The flip
+    using the mirrored image's (mean, std) with probability 1/2 when ``flip`` is set, where
+    ``normalise`` is ``normalisation``'s (``0.18215 z`` by default). The flip
     decisions and eps of a global batch come from generators seeded by (seed, epoch, offset), and
     each rank takes its rows of them, so the position (epoch, offset) is the whole state: a
     resumed run draws bit-identical batches on every rank, even though the training loop saves
@@ -119,6 +153,7 @@ class LatentBatches:
         flip: use mirrored images half the time (the cache must hold flips).
         class_conditional: return the labels; False returns None in their place.
         prefetch: read the next batch in a background thread while the caller uses this one.
+        normalisation: a :class:`LatentNormalisation` (or its value): how raw latents are scaled.
 
     ``next_batch()`` returns latents (B, C, h, w) float32 and labels (B,) int64 (or None).
     """
@@ -133,8 +168,10 @@ class LatentBatches:
         flip: bool = True,
         class_conditional: bool = True,
         prefetch: bool = True,
+        normalisation: Union[LatentNormalisation, str] = LatentNormalisation.SD_SCALE,
     ):
         check_integer("batch_size", batch_size)
+        self.normalisation = parse_enum(LatentNormalisation, normalisation, "data.latent_normalisation")
         check_integer("world_size", world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
@@ -143,6 +180,13 @@ class LatentBatches:
             raise ValueError(
                 f"horizontal flips were asked for but the latent cache {self.dataset.cache_dir} was encoded "
                 "with --no-flip; set data.horizontal_flip=false or re-encode without --no-flip"
+            )
+        statistics = self.normalisation.channel_statistics()
+        if statistics is not None and len(statistics[0]) != self.dataset.latent_shape[0]:
+            raise ValueError(
+                f"data.latent_normalisation={self.normalisation.value!r} has statistics for {len(statistics[0])} "
+                f"latent channels, but the cache {self.dataset.cache_dir} holds {self.dataset.latent_shape[0]}; "
+                "use data.latent_normalisation=sd_scale for this VAE"
             )
         global_batch = batch_size * world_size
         if len(self.dataset) < global_batch:
@@ -210,7 +254,7 @@ class LatentBatches:
         mean, std = self.dataset.moments(rows, flipped)  # (B, C, h, w) each
         noise = self._generator(_Stream.NOISE, epoch, offset)
         eps = torch.randn((global_batch, *self.latent_shape), generator=noise)[mine]  # (B, C, h, w)
-        z = (mean + std * eps) * SD_VAE_SCALE_FACTOR
+        z = self.normalisation.apply(mean + std * eps)  # (B, C, h, w)
         return z, self.dataset.labels[rows] if self.class_conditional else None
 
     def _permutation_of(self, epoch: int) -> Tensor:
@@ -227,4 +271,4 @@ class LatentBatches:
         return torch.Generator().manual_seed(_derived_seed(self.seed, stream, *position))
 
 
-__all__ = ["LatentBatches"]
+__all__ = ["IMF_LATENT_MEAN", "IMF_LATENT_STD", "LATENT_NORMALISATIONS", "LatentBatches", "LatentNormalisation"]
