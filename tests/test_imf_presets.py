@@ -7,7 +7,7 @@ import torch
 
 from meanflow.config import Config, DataConfig
 from meanflow.models import build_model
-from meanflow.presets import PRESETS, preset
+from meanflow.presets import preset
 from meanflow.samplers import ImfSampler
 
 STEPS_PER_EPOCH = 1_281_167 // 1024  # the last incomplete batch is dropped (input_pipeline.py l. 132)
@@ -52,8 +52,11 @@ def test_imagenet_imf_presets_carry_the_official_recipe(name):
     data = config.data
     assert (data.name, data.horizontal_flip, data.class_conditional) == ("latents", True, True)
     assert data.latent_normalisation == "imf_channels"
-    # The authors' sampling setting lives in the note until the sampler's default can be configured.
-    assert f"--omega {omega:g} --interval {t_min:g},{t_max:g}" in config.note
+    # The authors' 1-NFE sampling setting is the run's sampler default.
+    from meanflow.objectives import build_objective
+
+    sampler = build_objective("imf", config.objective.settings, 1000).sampler
+    assert sampler == ImfSampler(omega, (t_min, t_max)) and f"omega {omega:g}" in config.note
     assert config.note.count("Paper:") == 1 and f"1-NFE FID {fid}" in config.note and size in config.note
 
 
@@ -111,9 +114,6 @@ def test_cpu_imf_presets_train_a_few_steps_and_load_with_the_imf_sampler(name, s
     loaded = load_model(tmp_path / name, weights="raw")
     assert isinstance(loaded.sampler, ImfSampler) and loaded.step == 3
     assert loaded.record.method == "imf" and tuple(loaded.record.sample_shape) == shape
-    raw = load_model(tmp_path / name, weights="raw").model
-    fresh = build_model(config.model.architecture, config.model.options)
-    assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), fresh.state_dict().values()))
     # One-step samples at the authors' kind of setting: finite, the shape of a sample.
     sampler = loaded.sampler.with_guidance(omega=2.0, interval=(0.2, 0.8))
     noise = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
@@ -121,3 +121,52 @@ def test_cpu_imf_presets_train_a_few_steps_and_load_with_the_imf_sampler(name, s
     with torch.no_grad():
         samples = sampler(loaded.model, noise, classes, num_steps=1)
     assert samples.shape == noise.shape and torch.isfinite(samples).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Latents normalised per channel (the tiny random-weight VAE and cache of tests/test_latents.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_imf_channels_draws_raw_minus_mean_over_std_and_the_encoder_decodes_it_back(tmp_path):
+    pytest.importorskip("diffusers")
+    from test_latents import encode, tiny_vae, write_image_folder
+
+    from meanflow.data import build_source
+    from meanflow.data.latent_source import IMF_LATENT_MEAN, IMF_LATENT_STD, LatentBatches
+    from meanflow.encoders import encoder_from_dict
+    from meanflow.vae import SD_VAE_SCALE_FACTOR, decode_latents
+
+    vae = tiny_vae()
+    vae_folder = tmp_path / "vae"
+    vae.save_pretrained(vae_folder)
+    cache = encode(write_image_folder(tmp_path / "images"), tmp_path / "cache", vae)
+
+    # The same positions draw the same rows, flips and posterior noise; only the normalisation differs.
+    scaled = LatentBatches(cache, batch_size=5, seed=3, normalisation="sd_scale")
+    normalised = LatentBatches(cache, batch_size=5, seed=3, normalisation="imf_channels")
+    mean = torch.tensor(IMF_LATENT_MEAN).view(1, 4, 1, 1)
+    std = torch.tensor(IMF_LATENT_STD).view(1, 4, 1, 1)
+    for _ in range(3):
+        (z_sd, labels_sd), (z, labels) = scaled.next_batch(), normalised.next_batch()
+        raw = z_sd / SD_VAE_SCALE_FACTOR  # (5, 4, 16, 16): mean + std * eps of the cached posterior
+        torch.testing.assert_close(z, (raw - mean) / std, rtol=1e-5, atol=1e-6)
+        assert torch.equal(labels, labels_sd) and not torch.allclose(z, z_sd)
+    # Per-channel statistics are the official ones (vae_util.py): std about 4-5 in raw units.
+    assert IMF_LATENT_MEAN[0] == 0.86488 and IMF_LATENT_STD[1] == 5.31922414
+
+    # build_source applies it and records it in the encoder, which then decodes the draw correctly.
+    config = DataConfig(name="latents", path=str(cache), vae=str(vae_folder), latent_normalisation="imf_channels")
+    source, info = build_source(config, batch_size=4, seed=0)
+    assert (info.encoder.latent_mean, info.encoder.latent_std) == (IMF_LATENT_MEAN, IMF_LATENT_STD)
+    assert encoder_from_dict(json.loads(json.dumps(info.encoder.to_dict()))) == info.encoder
+    z, _ = source.next_batch()
+    plain_source, plain_info = build_source(DataConfig(name="latents", path=str(cache), vae=str(vae_folder)),
+                                            batch_size=4, seed=0)
+    z_sd, _ = plain_source.next_batch()
+    assert plain_info.encoder.latent_mean is None
+    torch.testing.assert_close(z, (z_sd / SD_VAE_SCALE_FACTOR - mean) / std, rtol=1e-5, atol=1e-6)
+    pictures = info.encoder.decode(z)
+    assert pictures.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(pictures, decode_latents(vae, z_sd), rtol=0, atol=1e-4)
+    torch.testing.assert_close(plain_info.encoder.decode(z_sd), decode_latents(vae, z_sd), rtol=0, atol=1e-6)

@@ -29,14 +29,13 @@ import torch
 from torch import Tensor
 
 from ..models.imf_dit import IMF_DIT_PRESETS, ImfDiT, ImfDiTConfig, imf_dit_preset
+from ..data.latent_source import IMF_LATENT_MEAN, IMF_LATENT_STD
 
 SOURCE_FORMAT = "imf-torch"
 NESTING_KEYS = ("model", "state_dict", "ema", "net", "module")
 """Keys under which a re-saved copy may nest the state dict (the released files do not)."""
 # The official per-channel normalisation of SD-VAE latents (torch branch, utils/vae_util.py).
 OFFICIAL_VAE = "stabilityai/sd-vae-ft-mse"
-LATENT_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
-LATENT_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 # The authors' 1-NFE settings (README of the torch branch): omega and [t_min, t_max].
 ONE_NFE_GUIDANCE = {
     "iMF-B/2": (8.0, (0.40, 0.65)),
@@ -222,9 +221,9 @@ def build_run_record(config: ImfDiTConfig, omega: float, interval: tuple, extra:
     from ..run_record import RunRecord
     from ..samplers import ImfSampler
 
-    if config.in_channels != len(LATENT_MEAN):
+    if config.in_channels != len(IMF_LATENT_MEAN):
         raise ValueError(f"the file's network has {config.in_channels} input channels; the official latent "
-                         f"normalisation (SD-VAE) has {len(LATENT_MEAN)}")
+                         f"normalisation (SD-VAE) has {len(IMF_LATENT_MEAN)}")
     run_config = Config(
         data=DataConfig(name="latents"),
         model=ModelSpec("imf_dit", config.to_dict()),
@@ -235,7 +234,7 @@ def build_run_record(config: ImfDiTConfig, omega: float, interval: tuple, extra:
     )
     data = run_config.to_dict()
     encoder = LatentEncoder((config.in_channels, config.input_size, config.input_size), vae=OFFICIAL_VAE,
-                            downsampling=8, latent_mean=LATENT_MEAN, latent_std=LATENT_STD)
+                            downsampling=8, latent_mean=IMF_LATENT_MEAN, latent_std=IMF_LATENT_STD)
     return RunRecord(config=data, model=data["model"], encoder=encoder.to_dict(), objective=data["objective"],
                      sampler=ImfSampler(omega, interval).to_dict(), num_classes=config.num_classes, ema_names=(),
                      extra=extra)

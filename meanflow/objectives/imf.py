@@ -52,7 +52,9 @@ class ImfSettings:
     JAX code). Guidance scale: ``s_max`` and ``beta`` (omega in [1, 1 + s_max] with density
     ~ omega^-beta; beta = 1 is log-uniform). Interval: t_min ~ U(t_min_low, t_min_high), t_max ~
     U(t_max_low, t_max_high). ``class_dropout``; adaptive weight ``p``, ``c``;
-    ``auxiliary_weight`` of the v-head term; ``derivative`` and ``finite_difference_step``.
+    ``auxiliary_weight`` of the v-head term; ``derivative`` and ``finite_difference_step``;
+    ``sample_omega`` and ``sample_interval``: the guidance the run's sampler uses by default (the
+    authors' per-size settings in the ImageNet presets; ``--omega`` / ``--interval`` pick others).
     """
 
     mu: float = -0.4
@@ -71,6 +73,8 @@ class ImfSettings:
     auxiliary_weight: float = 1.0
     derivative: str = Derivative.TWO_PASS.value
     finite_difference_step: float = 1e-3
+    sample_omega: float = 1.0
+    sample_interval: tuple = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         self.time_sampler(), self.weighting()  # each record validates its fields
@@ -82,6 +86,8 @@ class ImfSettings:
         check_number("t_max_high", self.t_max_high, self.t_max_low, 1.0)
         check_number("class_dropout", self.class_dropout, 0.0, 1.0, high_open=True)
         check_positive("auxiliary_weight", self.auxiliary_weight)
+        # The run's sampling default (its sampler in the run record), validated by the sampler.
+        object.__setattr__(self, "sample_interval", ImfSampler(self.sample_omega, self.sample_interval).interval)
         parse_enum(Derivative, self.derivative, "derivative")
         check_positive("finite_difference_step", self.finite_difference_step)
 
@@ -138,7 +144,7 @@ class ImprovedMeanFlow(NoiseTimeObjective):
     @property
     def sampler(self) -> Sampler:
         """Average-velocity steps with omega and the interval as the network's conditions."""
-        return ImfSampler()
+        return ImfSampler(self.settings.sample_omega, self.settings.sample_interval)
 
     @property
     def required_conditions(self) -> frozenset[str]:
