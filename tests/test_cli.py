@@ -131,7 +131,7 @@ def test_ctrl_c_returns_130_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
 
 def test_help_and_a_missing_command_return_without_raising(capsys):
     assert main(["--help"]) == 0
-    assert "{train,sample,demo,encode,eval,info,presets}" in capsys.readouterr().out
+    assert "{train,sample,demo,encode,eval,info,presets,convert}" in capsys.readouterr().out
     assert main([]) == 2
     assert "the following arguments are required: command" in capsys.readouterr().err
 

@@ -119,14 +119,19 @@ class NoiseTimeObjective(Objective):
         labels = self.check_inputs(x, noise, r, t, labels)
         return self.compute(model, x, noise, r, t, labels)
 
-    def loss(self, model, batch, labels=None, *, generator=None, progress=0.0) -> LossOutput:
-        """Draw noise, times and label dropout for the batch's data ``x`` (B, ...) and return the loss."""
+    def draw(self, batch, labels, generator, progress) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
+        """The checked batch and its random draws: (x, labels, noise, r, t), before label dropout."""
         batch = as_batch(batch, labels)
         check_number("progress", progress, 0.0, 1.0)
         x = batch.x
         labels = self.check_labels(batch.labels, x.shape[0], allow_null=False)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         r, t = self.sample_times(x.shape[0], x, generator, progress)
+        return x, labels, noise, r, t
+
+    def loss(self, model, batch, labels=None, *, generator=None, progress=0.0) -> LossOutput:
+        """Draw noise, times and label dropout for the batch's data ``x`` (B, ...) and return the loss."""
+        x, labels, noise, r, t = self.draw(batch, labels, generator, progress)
         if labels is not None:
             labels = drop_labels(labels, self.class_dropout, null_class_id(self.num_classes), generator)
         u, u_tgt = self.compute(model, x, noise, r, t, labels)  # times and noise are ours: no checks

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditions import GUIDANCE_INTERVAL, GUIDANCE_SCALE, Conditions, as_output
-from ..conventions import as_batch, at_least_fp32, broadcast_like, interpolate, null_class_id
+from ..conventions import at_least_fp32, broadcast_like, interpolate, null_class_id
 from ..jvp import Derivative, finite_difference_along_flow, tangent_along_flow
 from ..samplers import ImfSampler, Sampler
 from ..validation import check_number, check_positive, parse_enum
@@ -203,12 +203,7 @@ class ImprovedMeanFlow(NoiseTimeObjective):
 
     def loss(self, model, batch, labels=None, *, generator=None, progress=0.0) -> LossOutput:
         """Draw noise, times, omega, interval and label dropout for ``x`` (B, ...); the loss."""
-        batch = as_batch(batch, labels)
-        check_number("progress", progress, 0.0, 1.0)
-        x = batch.x
-        labels = self.check_labels(batch.labels, x.shape[0], allow_null=False)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        r, t = self.sample_times(x.shape[0], x, generator, progress)
+        x, labels, noise, r, t = self.draw(batch, labels, generator, progress)
         omega = self.sample_guidance_scale(x.shape[0], x, generator)
         interval = self.sample_interval(r, t, generator)
         dropped = None if labels is None else self.sample_dropped(x.shape[0], x.device, generator)
