@@ -171,7 +171,7 @@ def test_config_round_trips_through_json():
 
 def test_config_rejects_unknown_keys_listing_valid_ones():
     values = {**tiny_config().to_dict(), "channel_mult": [1, 2]}
-    with pytest.raises(ValueError, match=r"channel_mult'\].*valid keys are .*channel_multipliers"):
+    with pytest.raises(ValueError, match=r"channel_mult'\].*valid fields are .*channel_multipliers"):
         UNetConfig.from_dict(values)
 
 
@@ -198,5 +198,5 @@ def test_presets():
     assert unet_preset("unet-cifar10", num_classes=10, dropout=0.0).num_classes == 10
     with pytest.raises(ValueError, match="valid names are .*unet-cifar10"):
         unet_preset("unet-imagenet")
-    with pytest.raises(ValueError, match="valid keys"):
+    with pytest.raises(ValueError, match="valid fields"):
         unet_preset("unet-cifar10", dropout_rate=0.1)

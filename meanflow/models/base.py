@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+import dataclasses
+from typing import Any, ClassVar, Optional
 
 from torch import Tensor, nn
 
@@ -30,3 +31,22 @@ class AverageVelocityNetwork(nn.Module):
         conditions = as_conditions(conditions)
         check_accepted(conditions, self.accepted_conditions, type(self).__name__)
         return conditions.labels
+
+
+class ConfigRecord:
+    """``to_dict`` / ``from_dict`` of the networks' frozen config dataclasses: plain JSON data
+    (tuples as lists), unknown keys refused with the valid ones named."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-able data; :meth:`from_dict` inverts it."""
+        return {field.name: list(value) if isinstance(value := getattr(self, field.name), tuple) else value
+                for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Build a config from :meth:`to_dict` output (or any subset of the fields)."""
+        valid = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields are {valid}")
+        return cls(**data)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..conditions import ConditionsLike, ModelOutput, Tangent
 from .attention import attention
-from .base import AverageVelocityNetwork
+from .base import AverageVelocityNetwork, ConfigRecord
 from .embeddings import TimeConditioning
 from .tangent import (
     attention_with_tangent,
@@ -44,7 +44,7 @@ from .tangent import (
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(ConfigRecord):
     """The architecture of a :class:`DiT`; plain data, saved with checkpoints as JSON.
 
     Attributes:
@@ -109,19 +109,6 @@ class DiTConfig:
     def num_patches(self) -> int:
         """The number of tokens N: ``grid_size ** 2``."""
         return self.grid_size**2
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain JSON-able data; :meth:`from_dict` inverts it."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
-        """Build a config from :meth:`to_dict` output; unknown keys raise a ValueError."""
-        valid = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown DiTConfig field(s) {unknown}; valid fields are {valid}")
-        return cls(**data)
 
 
 def _require_positive_int(name: str, value: Any, extra: str = "") -> None:

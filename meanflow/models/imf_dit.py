@@ -45,13 +45,14 @@ from ..conditions import (
     as_conditions,
     check_accepted,
 )
+from ..validation import check_integer
 from .attention import attention
-from .base import AverageVelocityNetwork
+from .base import AverageVelocityNetwork, ConfigRecord
 from .embeddings import ScalarEmbedder
 
 
 @dataclass(frozen=True)
-class ImfDiTConfig:
+class ImfDiTConfig(ConfigRecord):
     """The architecture of an :class:`ImfDiT`; plain data, saved with checkpoints as JSON.
 
     Attributes:
@@ -100,7 +101,7 @@ class ImfDiTConfig:
         for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads",
                      "num_classes", "aux_head_depth", "num_class_tokens", "num_cfg_tokens",
                      "num_interval_tokens", "num_time_tokens", "frequency_size"):
-            _require_positive_int(name, getattr(self, name))
+            check_integer(name, getattr(self, name))
         if self.input_size % self.patch_size:
             raise ValueError(
                 f"input_size ({self.input_size}) must be a multiple of patch_size ({self.patch_size})"
@@ -148,25 +149,6 @@ class ImfDiTConfig:
     def mlp_hidden_size(self) -> int:
         """The SwiGLU hidden width, ``int(hidden_size * mlp_ratio)`` as the official code rounds it."""
         return int(self.hidden_size * self.mlp_ratio)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain JSON-able data; :meth:`from_dict` inverts it."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ImfDiTConfig:
-        """Build a config from :meth:`to_dict` output; unknown keys raise a ValueError."""
-        valid = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown ImfDiTConfig field(s) {unknown}; valid fields are {valid}")
-        return cls(**data)
-
-
-def _require_positive_int(name: str, value: Any) -> None:
-    # bool is an int subclass; True as a depth is a typo, not a choice.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _normal_fan_in(weight: Tensor, constant: float) -> None:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 from torch import Tensor, nn
 
 from ..conditions import GUIDANCE_INTERVAL, GUIDANCE_SCALE, ConditionsLike, ModelOutput, as_conditions
-from .base import AverageVelocityNetwork
+from .base import AverageVelocityNetwork, ConfigRecord
 from .embeddings import ScalarEmbedder, TimeConditioning
 
 
 @dataclass(frozen=True)
-class MLPConfig:
+class MLPConfig(ConfigRecord):
     """Hyper-parameters of :class:`MLP`.
 
     data_dim: size of each sample (2 for the toys); hidden_size: width; depth: hidden layers;
@@ -42,13 +42,6 @@ class MLPConfig:
                 raise ValueError(f"MLPConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"MLPConfig.num_classes must be >= 1 or None, got {self.num_classes}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MLPConfig":
-        return cls(**_known_fields(cls, data))
 
 
 class MLP(AverageVelocityNetwork):
@@ -130,12 +123,3 @@ class MLP(AverageVelocityNetwork):
         dtype = self.input.weight.dtype
         scale, start, end = self.guidance_embedders
         return scale(1.0 - 1.0 / omega.to(dtype)) + start(interval[:, 0].to(dtype)) + end(interval[:, 1].to(dtype))
-
-
-def _known_fields(cls, data: dict) -> dict:
-    """``data`` restricted to the dataclass's fields; unknown keys are an error."""
-    valid = {field.name for field in fields(cls)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(valid)}")
-    return dict(data)

@@ -42,10 +42,9 @@ Design choices (DDPM++ habits; together they put the CIFAR-10 preset at 56,227,5
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +52,7 @@ from torch import Tensor, nn
 
 from ..conditions import ConditionsLike
 from .attention import attention
-from .base import AverageVelocityNetwork
+from .base import AverageVelocityNetwork, ConfigRecord
 from .embeddings import LabelEmbedder, ScalarEmbedder
 
 _SKIP_SCALE = 1.0 / math.sqrt(2.0)
@@ -61,7 +60,7 @@ _MAX_GROUPS = 32
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigRecord):
     """Hyper-parameters of :class:`UNet`. Plain data: round-trips through JSON via ``to_dict``.
 
     Attributes:
@@ -146,22 +145,6 @@ class UNetConfig:
     def embedding_size(self) -> int:
         """Width of the conditioning vector: 4x the base channels (DDPM++)."""
         return 4 * self.base_channels
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict of the fields (tuples as lists)."""
-        return {
-            field.name: list(value) if isinstance(value := getattr(self, field.name), tuple) else value
-            for field in dataclasses.fields(self)
-        }
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "UNetConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise a ValueError listing the valid ones."""
-        valid = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; valid keys are {valid}")
-        return cls(**values)
 
 
 def _is_int(value: Any) -> bool:
