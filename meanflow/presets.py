@@ -79,36 +79,23 @@ def _small_imf_dit(input_size: int, patch_size: int, hidden_size: int, depth: in
                                      aux_head_depth=aux_head_depth, frequency_size=hidden_size))
 
 
-def imf_digits() -> Config:
-    """Improved MeanFlow on the 8x8 digits with a tiny class-conditional imfDiT: minutes on a CPU."""
-    config = digits()
-    return Config(
-        data=config.data,
-        # 16 patch tokens + 20 conditioning tokens; trunk of 2 blocks, then u and v heads of 2 each.
-        model=_small_imf_dit(input_size=8, patch_size=2, hidden_size=64, depth=4, aux_head_depth=2),
-        # The official objective settings (ImfSettings' defaults): omega log-uniform in [1, 8], half
-        # the rows r = t, guidance interval drawn per row; the guidance is a network input.
-        objective=_imf(),
-        optim=config.optim,
-        training=config.training,
-        note="scikit-learn's 8x8 digits, class-conditional, Improved MeanFlow (tiny imfDiT, guidance as an input; "
-             "pick it at sampling with --omega / --interval). No paper number.",
-    )
+def _imf_on(base: Callable[[], Config], label: str, **network) -> Callable[[], Config]:
+    """Improved MeanFlow on the data, optimiser and budget of the MeanFlow preset ``base``.
 
+    The objective takes the official settings (ImfSettings' defaults): omega log-uniform in
+    [1, 8], half the rows r = t, a guidance interval drawn per row; guidance is a network input,
+    picked at sampling with --omega / --interval.
+    """
 
-def imf_mnist() -> Config:
-    """Improved MeanFlow on MNIST (28x28, patch 4) with a small class-conditional imfDiT."""
-    config = _image_dit("mnist", "MNIST")()
-    return Config(
-        data=config.data,
-        # 49 patch tokens + 20 conditioning tokens; trunk of 2 blocks, then u and v heads of 2 each.
-        model=_small_imf_dit(input_size=28, patch_size=4, hidden_size=128, depth=4, aux_head_depth=2),
-        objective=_imf(),
-        optim=config.optim,
-        training=config.training,
-        note="MNIST, class-conditional, Improved MeanFlow (small imfDiT, patch 4, guidance as an input). "
-             "No paper number.",
-    )
+    def build() -> Config:
+        config = base()
+        return Config(data=config.data, model=_small_imf_dit(**network), objective=_imf(), optim=config.optim, training=config.training,
+                      note=f"{label}, class-conditional, Improved MeanFlow (small imfDiT, guidance as an input; pick "
+                           "it at sampling with --omega / --interval). No paper number.")
+
+    build.__doc__ = f"Improved MeanFlow on {label} with a small class-conditional imfDiT."
+    return build
+
 
 
 def _image_dit(name: str, label: str) -> Callable[[], Config]:
@@ -237,8 +224,12 @@ PRESETS.update({
     "imagenet256-imf-l2": _imagenet_imf("iMF-L/2", 10.5, (0.40, 0.60), "1-NFE FID 1.86"),
     "imagenet256-imf-xl2": _imagenet_imf("iMF-XL/2", 8.0, (0.42, 0.62),
                                          "1-NFE FID 1.72; 2-NFE FID 1.54 with --omega 4 --interval 0.36,0.64"),
-    "imf-digits": imf_digits,
-    "imf-mnist": imf_mnist,
+    # 16 (digits) / 49 (MNIST) patch tokens + 20 conditioning tokens; a trunk of 2 blocks, then u
+    # and v heads of 2 blocks each.
+    "imf-digits": _imf_on(digits, "scikit-learn's 8x8 digits", input_size=8, patch_size=2, hidden_size=64, depth=4,
+                          aux_head_depth=2),
+    "imf-mnist": _imf_on(_image_dit("mnist", "MNIST"), "MNIST", input_size=28, patch_size=4, hidden_size=128,
+                         depth=4, aux_head_depth=2),
 })
 PRESETS.update({f"toy-{d.value.replace('_', '-')}": toy(d.value) for d in ToyDistribution})
 PRESETS["toy-checkerboard-imf"] = toy_checkerboard_imf

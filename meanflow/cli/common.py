@@ -41,15 +41,20 @@ def config_from_args(args: argparse.Namespace) -> "Config":
     return config.with_overrides(overrides) if overrides else config
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count of samples, steps, images per batch)."""
+def _integer_at_least(text: str, minimum: int, not_integer: str, too_small: str) -> int:
+    """``int(text)`` if it is at least ``minimum``, else an ArgumentTypeError with the given wording."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {not_integer}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {too_small}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of samples, steps, images per batch)."""
+    return _integer_at_least(text, 1, "an integer", ">= 1")
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,13 +68,7 @@ class Parser(argparse.ArgumentParser):
 
 def seed(text: str) -> int:
     """An argparse type: a seed, an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+    return _integer_at_least(text, 0, "an integer >= 0", "an integer >= 0")
 
 
 # -- output paths, checked before any work starts ---------------------------------------------
