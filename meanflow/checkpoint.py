@@ -103,18 +103,6 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.trainer["step"])
 
-    def ema_weights(self, name: Optional[str] = None) -> dict[str, Tensor]:
-        """The weights of one EMA copy (by name, e.g. ``ema_0.9999``; default the first), or
-        ``"raw"`` for the trained weights themselves."""
-        names = list(self.trainer.get("ema_names", []))
-        name = name or (names[0] if names else "raw")
-        if name == "raw":
-            return self.model
-        if name not in names:
-            raise ValueError(f"unknown weights {name!r}; this checkpoint has {['raw', *names]}")
-        prefix = f"{name}/"
-        return {key[len(prefix):]: value for key, value in self.ema.items() if key.startswith(prefix)}
-
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:09d}"

@@ -43,7 +43,9 @@ def test_a_run_writes_checkpoints_logs_config_and_grids(tmp_path):
     assert [p.name for p in result.grids] == ["step000000020_nfe1.png", "step000000020_nfe2.png"]
     assert all(p.stat().st_size > 1000 for p in result.grids)
     state = json.loads((tmp_path / "checkpoints" / "step_000000020" / "trainer.json").read_text())
-    assert state["step"] == 20 and state["ema_names"] == ["ema_0.999"]
+    record = json.loads((tmp_path / "checkpoints" / "step_000000020" / "run.json").read_text())
+    assert state["step"] == 20 and record["ema_names"] == ["ema_0.999"]  # what a run is: run.json, once
+    assert "config" not in state and record["config"] == tiny_toy().to_dict()
 
 
 @pytest.mark.parametrize("build, first, total", [(tiny_toy, 10, 20), (tiny_digits, 3, 6)])

@@ -289,8 +289,7 @@ def convert_imf_details(path: str | Path, output: str | Path, preset: Optional[s
     extra = {"converted_from": {"format": SOURCE_FORMAT, "file": str(path), "preset": name,
                                 "nesting_key": nesting, "dropped": dropped}}
     record = build_run_record(config, omega, interval, extra)
-    trainer = {"config": record.config, "ema_names": [], "model": record.model}
-    checkpoint = save_checkpoint(root, 0, weights, {}, ({}, {"param_groups": [], "scalars": {}}), trainer,
+    checkpoint = save_checkpoint(root, 0, weights, {}, ({}, {"param_groups": [], "scalars": {}}), {},
                                  keep_last=1, files={RUN_FILE: record.to_json()})
     return Conversion(run=output, checkpoint=checkpoint, preset=name, config=config, nesting_key=nesting,
                       tensors=len(weights), dropped=dropped, omega=omega, interval=tuple(interval))

@@ -185,10 +185,7 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """Write a checkpoint of the current step (every rank takes part; rank 0 writes)."""
         settings = self.config.training
-        description = {"config": self.config.to_dict(), "ema_names": list(self.state.ema.names),
-                       "model": {"architecture": self.config.model.architecture,
-                                 "options": self.config.model.options}}
-        return save_state(self.state, self.dist, self.checkpoints, description, {RUN_FILE: self.record.to_json()},
+        return save_state(self.state, self.dist, self.checkpoints, {RUN_FILE: self.record.to_json()},
                           settings.keep_checkpoints, settings.milestone_every)
 
     # -- one step ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -75,12 +75,12 @@ class TrainingState:
     skipped: int = 0
 
 
-def save_state(state: TrainingState, dist: Distributed, root: Path, description: dict[str, Any],
-               files: dict[str, str], keep_last: int, milestone_every: int) -> Optional[Path]:
+def save_state(state: TrainingState, dist: Distributed, root: Path, files: dict[str, str], keep_last: int,
+               milestone_every: int) -> Optional[Path]:
     """Write the checkpoint of ``state.step`` under ``root``; every rank calls it, rank 0 writes.
 
-    ``description`` is JSON merged into ``trainer.json`` (the config, model spec, EMA names);
-    ``files`` are text files written beside it (the run record). Returns the folder on rank 0,
+    ``trainer.json`` holds what resuming needs; ``files`` are text files written beside it (the
+    run record, which describes the run: config, model, EMA names). Returns the folder on rank 0,
     None elsewhere.
     """
     rng = dist.gather_objects(capture_rng(state.generator))
@@ -95,7 +95,7 @@ def save_state(state: TrainingState, dist: Distributed, root: Path, description:
         del full  # before the next part is gathered: the host holds one part at a time
     path = None
     if writer is not None:
-        writer.trainer_state({**description, "schedule": state.schedule.state_dict(),
+        writer.trainer_state({"schedule": state.schedule.state_dict(),
                               "data": state.source.state_dict(), "rng": rng, "skipped_steps": state.skipped,
                               "world_size": dist.world_size}, optimizer_data)
         for name, text in files.items():
