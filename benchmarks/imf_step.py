@@ -21,7 +21,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ from meanflow.conditions import Conditions
 from meanflow.conventions import Batch
 from meanflow.models.imf_dit import ImfDiT, ImfDiTConfig
 from meanflow.objectives import FlowMatching, MeanFlow, TimeSampler, build_objective
-from train_step import _status_mib
+from train_step import _status_mib, time_interleaved
 
 METHODS = ("flow matching", "MeanFlow two_pass", "MeanFlow jvp", "iMF two_pass", "iMF jvp")
 
@@ -121,14 +120,7 @@ def main() -> None:
         measure_memory(args, args.measure_memory)
         return
     steps = {name: build(args, name) for name in args.methods}
-    times: dict[str, list[float]] = {name: [] for name in args.methods}
-    for round_ in range(args.rounds + 2):
-        order = args.methods[round_ % len(args.methods):] + args.methods[:round_ % len(args.methods)]  # rotated
-        for name in order:
-            started = time.perf_counter()
-            steps[name]()
-            if round_ >= 2:  # two warm-up rounds
-                times[name].append(time.perf_counter() - started)
+    times = time_interleaved(steps, args.rounds)
     medians = {name: statistics.median(values) for name, values in times.items()}
     memory = {name: peak_memory(args, name) for name in args.methods}
     base = "flow matching" if "flow matching" in medians else args.methods[0]

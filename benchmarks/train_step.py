@@ -98,6 +98,22 @@ def measure_memory(args, method: str) -> None:
     print(_status_mib("VmHWM") - base)
 
 
+def time_interleaved(steps: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each step function over ``rounds`` rounds after ``warmup`` ones; within a round
+    every method runs once, in an order rotated from round to round (no method always runs first
+    after another's caches)."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds + warmup):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            steps[name]()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
 def _status_mib(field: str) -> float:
     """A memory field of /proc/self/status in MiB. VmHWM is the peak RSS of this process image
     (ru_maxrss would carry the parent's peak across fork + exec)."""
@@ -132,18 +148,12 @@ def main() -> None:
 
     device = torch.device(args.device)
     steps = {name: build(args, name, device) for name in args.methods}
-    times: dict[str, list[float]] = {name: [] for name in args.methods}
-    for round_ in range(args.rounds + 2):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            if round_ >= 2:  # two warm-up rounds
-                times[name].append(time.perf_counter() - started)
+    times = time_interleaved(steps, args.rounds)
     medians = {name: statistics.median(values) for name, values in times.items()}
     memory = {name: peak_memory(args, name) for name in args.methods}
     print(f"DiT width {args.width}, depth {args.depth}, {args.channels}x{args.input_size}x{args.input_size}, "
           f"patch {args.patch_size}, batch {args.batch_size}, {args.threads} threads, {args.device}, "
-          f"r != t for {args.fraction:.0%} of samples; median of {args.rounds} interleaved rounds\n")
+          f"r != t for {args.fraction:.0%} of samples; median of {args.rounds} interleaved rounds (rotated order)\n")
     print("| method | step (ms) | vs flow matching | peak memory (MiB) | vs flow matching |")
     print("|---|---|---|---|---|")
     rows = []
