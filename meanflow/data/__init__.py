@@ -19,12 +19,15 @@ DATASETS = ("digits", "toy", "mnist", "fashion-mnist", "cifar10", "folder", "lat
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What the model needs to know about the data: one sample's shape, the classes, and the
-    encoder of the space the samples live in (pixels, VAE latents or points)."""
+    """What the model needs to know about the data: the classes, and the encoder of the space the
+    samples live in (pixels, VAE latents or points), which knows one sample's shape."""
 
-    sample_shape: tuple
     num_classes: Optional[int]
     encoder: Encoder
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self.encoder.sample_shape)
 
 
 def load_images(config):
@@ -55,7 +58,7 @@ def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: 
     = npz``), so that a label out of range is refused before training with the file's name.
     """
     if config.name == "toy":
-        return ToyStream(config.toy, batch_size, seed, rank), DataInfo((2,), None, PointEncoder((2,), reference=config.toy))
+        return ToyStream(config.toy, batch_size, seed, rank), DataInfo(None, PointEncoder((2,), reference=config.toy))
     if config.name == "latents":
         if not config.path:
             raise ValueError("data.name=latents needs data.path: a latent cache folder written by "
@@ -75,7 +78,7 @@ def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: 
         encoder = LatentEncoder(shape, vae=config.vae or cache.manifest["vae"],
                                 downsampling=int(cache.manifest["resolution"]) // shape[-1],
                                 latent_mean=mean, latent_std=std)
-        return source, DataInfo(shape, num_classes, encoder)
+        return source, DataInfo(num_classes, encoder)
     if config.name in ("memory", "npz"):
         from .memory import source_from_config
 
@@ -84,7 +87,7 @@ def build_source(config, batch_size: int, seed: int, rank: int = 0, world_size: 
     num_classes = int(labels.max()) + 1 if config.class_conditional else None
     source = TensorBatches(images, labels if config.class_conditional else None, batch_size, seed,
                            config.horizontal_flip, rank, world_size)
-    return source, DataInfo(tuple(images.shape[1:]), num_classes, PixelEncoder(tuple(images.shape[1:])))
+    return source, DataInfo(num_classes, PixelEncoder(tuple(images.shape[1:])))
 
 
 __all__ = ["DATASETS", "LATENT_NORMALISATIONS", "BatchSource", "DataInfo", "LatentNormalisation", "TensorBatches",

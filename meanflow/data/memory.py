@@ -257,7 +257,7 @@ def memory_source(data: InMemoryData, config, batch_size: int, seed: int, rank: 
     if labels is not None and num_classes is None:
         num_classes = int(labels.max()) + 1
     source = MemoryBatches(data, batch_size, seed, config.horizontal_flip, rank, world_size)
-    info = DataInfo(data.sample_shape, num_classes if labels is not None else None, _encoder(data.sample_shape))
+    info = DataInfo(num_classes if labels is not None else None, _encoder(data.sample_shape))
     return source, info
 
 
