@@ -50,21 +50,26 @@ def toy(name: str) -> Callable[[], Config]:
     return build
 
 
-def toy_checkerboard_imf() -> Config:
-    """Improved MeanFlow on the 2-D checkerboard with a two-head, guidance-conditioned MLP."""
-    config = toy("checkerboard")()
-    # Unconditional data: no class to guide towards, so v_g = v; the network still takes omega and
-    # the interval (as the dropped rows of a class-conditional run do) and trains its v head.
-    # p = 0 for the 2-D toys (see toy()); the rest are the official iMF defaults.
-    return Config(
-        data=config.data,
-        model=ModelSpec("mlp", dict(data_dim=2, hidden_size=256, depth=4, guidance_conditions=True,
-                                    auxiliary_velocity=True)),
-        objective=ObjectiveConfig("imf", dict(fraction_r_neq_t=0.5, mu=-0.4, sigma=1.0, p=0.0, c=0.01)),
-        optim=config.optim,
-        training=config.training,
-        note="2-D toy 'checkerboard', Improved MeanFlow (two-head MLP, unconditional). No paper number.",
-    )
+def toy_imf(name: str) -> Callable[[], Config]:
+    """Improved MeanFlow on the 2-D toy ``name`` with a two-head, guidance-conditioned MLP."""
+
+    def build() -> Config:
+        config = toy(name)()
+        # Unconditional data: no class to guide towards, so v_g = v; the network still takes omega and
+        # the interval (as the dropped rows of a class-conditional run do) and trains its v head.
+        # p = 0 for the 2-D toys (see toy()); the rest are the official iMF defaults.
+        return Config(
+            data=config.data,
+            model=ModelSpec("mlp", dict(data_dim=2, hidden_size=256, depth=4, guidance_conditions=True,
+                                        auxiliary_velocity=True)),
+            objective=ObjectiveConfig("imf", dict(fraction_r_neq_t=0.5, mu=-0.4, sigma=1.0, p=0.0, c=0.01)),
+            optim=config.optim,
+            training=config.training,
+            note=f"2-D toy '{name}', Improved MeanFlow (two-head MLP, unconditional). No paper number.",
+        )
+
+    build.__doc__ = f"Improved MeanFlow on the 2-D toy '{name}' with a two-head MLP."
+    return build
 
 
 def _imf(**settings) -> ObjectiveConfig:
@@ -232,7 +237,7 @@ PRESETS.update({
                          depth=4, aux_head_depth=2),
 })
 PRESETS.update({f"toy-{d.value.replace('_', '-')}": toy(d.value) for d in ToyDistribution})
-PRESETS["toy-checkerboard-imf"] = toy_checkerboard_imf
+PRESETS.update({f"toy-{d.value.replace('_', '-')}-imf": toy_imf(d.value) for d in ToyDistribution})
 
 
 def preset(name: str) -> Config:
