@@ -13,9 +13,10 @@ Three methods, chosen by :class:`Derivative`:
 - ``TWO_PASS``: the JVP on the bare module without gradient, then an ordinary gradient forward
   through whatever wrapper the caller holds. Safe under data parallelism: the gradient forward
   goes through DDP, so gradients are synchronised. A model that declares an explicit tangent
-  (``explicit_tangent = True``: called with ``tangent=Tangent(dz, dr, dt)`` it returns
-  ``ModelOutput(u, du=...)``; the DiT does, primal and tangent through one GEMM per linear) is
-  differentiated by that call, about 1.8x faster than ``torch.func.jvp``; other models fall back
+  (``explicit_tangent``: called with ``tangent=Tangent(dz, dr, dt)`` it returns
+  ``ModelOutput(u, du=...)``; the DiT, the imfDiT and the MLP do, primal and tangent through one
+  GEMM per linear) is differentiated by that call, 1.7-2.7x faster than ``torch.func.jvp``
+  (benchmarks/jvp_speed.py); other models (the U-Net) fall back
   to ``torch.func.jvp``. The call goes through the module's ``__call__``, the same entry that
   DDP / FSDP2 / torch.compile wrap.
   Dropout: the derivative pass runs first, in the module's own mode, so in training it draws

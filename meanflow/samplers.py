@@ -10,14 +10,18 @@ the run's own sampler without being told.
 
 from __future__ import annotations
 
+import enum
+import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .conditions import Conditions, ConditionsLike, as_conditions
-from .sampling import OdeMethod, sample, sample_ode
+from .conventions import as_time, broadcast_like
+from .sampling import OdeMethod, guided_prediction, sample, sample_ode
 from .validation import check_known_keys, check_number, parse_enum
 
 
@@ -149,10 +153,123 @@ class ImfSampler(Sampler):
         return {"name": self.name, "omega": self.omega, "interval": list(self.interval)}
 
 
+class Renoise(str, enum.Enum):
+    """Where a multistep consistency sampler takes the noise it re-noises with (see
+    :class:`ConsistencySampler`)."""
+
+    DERIVED = "derived"  # fresh noise, a pseudo-random function of the sample's own noise
+    INITIAL = "initial"  # the sample's own starting noise again
+
+
+def derived_noise(noise: Tensor, step: int) -> Tensor:
+    """Fresh standard normal noise for re-noising step ``step`` (>= 1), a function of each row of
+    ``noise`` alone. noise: (B, ...) -> (B, ...), same dtype and device.
+
+    Row i is drawn by numpy's PCG64 seeded with the 128-bit BLAKE2b digest of row i's bytes and
+    ``step``: independent of the batch it sits in, of the device and of the process, so the API,
+    ``meanflow sample`` and ``meanflow eval`` (which all start from :func:`meanflow.noise.sample_noise`)
+    re-noise identically. A digest is a pseudo-random function of the row: the fresh noise behaves
+    as independent of it, which re-using the starting noise does not (see ConsistencySampler).
+    """
+    rows = noise.detach().cpu().contiguous().numpy()
+    draw_dtype = np.float64 if rows.dtype == np.float64 else np.float32  # half precision: drawn in fp32
+    fresh = []
+    for row in rows:
+        digest = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+        words = np.frombuffer(digest, dtype=np.uint32).tolist()
+        fresh.append(np.random.default_rng([*words, int(step)]).standard_normal(row.shape, dtype=draw_dtype))
+    stacked = np.stack(fresh) if fresh else np.zeros(rows.shape, dtype=draw_dtype)
+    return torch.from_numpy(stacked).to(device=noise.device, dtype=noise.dtype)
+
+
+@torch.no_grad()
+def sample_consistency(model: nn.Module, noise: Tensor, conditions: ConditionsLike, times: Sequence[float],
+                       renoise: Renoise = Renoise.DERIVED, guidance_scale: float = 1.0,
+                       null_label: Optional[int] = None) -> Tensor:
+    """Multistep consistency sampling with the flow map ``f(z_t, t) = z_t - t u(z_t, 0, t)``.
+
+    ``times`` = (1, t_1, ..., t_{k-1}), decreasing in (0, 1]: ``x = f(e, 1)``, then for each
+    t_i: ``z = (1 - t_i) x + t_i e_i`` (Eq. 1) and ``x = f(z, t_i)``. ``e_i`` is the sample's own
+    noise (``Renoise.INITIAL``) or :func:`derived_noise` (``Renoise.DERIVED``). One NFE per time
+    (two with inference-time CFG, which is linear in u and therefore in f). noise: (B, ...) -> (B, ...).
+    """
+    renoise = parse_enum(Renoise, renoise, "renoise")
+    batch = noise.shape[0]
+    x = noise
+    for index, time in enumerate(times):
+        if index == 0:
+            z = noise
+        else:
+            e = noise if renoise is Renoise.INITIAL else derived_noise(noise, index)
+            z = (1.0 - time) * x + time * e  # Eq. 1 at t_i
+        t = as_time(time, batch, z)
+        u = guided_prediction(model, z, torch.zeros_like(t), t, conditions, guidance_scale, null_label)
+        x = z - broadcast_like(t, z) * u.to(z.dtype)  # f(z_t, t): one step to data
+    return x
+
+
+@dataclass(frozen=True)
+class ConsistencySampler(Sampler):
+    """Consistency-model sampling of an average-velocity network at r = 0 (FAMILY.md F5).
+
+    One step is ``x = f(e, 1) = e - u(e, 0, 1)`` (1 NFE); k steps re-noise the estimate to the
+    times t_1 > ... > t_{k-1} and apply f again (Song et al. 2023, Algorithm 1), 1 NFE each.
+    Times: for 2 steps ``two_step_time`` (or the ``intermediate`` of a call), for k > 2 the inner
+    points of the uniform grid, (k - 1)/k, ..., 1/k.
+
+    ``renoise`` 'derived' (the default) re-noises with fresh noise derived deterministically from
+    each sample's own noise (:func:`derived_noise`); 'initial' re-uses the starting noise. Both are
+    deterministic given ``noise``. Only fresh noise is faithful: for Gaussian data N(mu, s^2) and
+    the exact flow map, x = mu + s e, and re-noising with the same e gives z_t = (1 - t) mu +
+    ((1 - t) s + t) e, whose std (1 - t) s + t exceeds the marginal's b_t = sqrt((1 - t)^2 s^2 + t^2)
+    for every s > 0 and 0 < t < 1 (by the cross term 2 t (1 - t) s); the second step then returns
+    std s ((1 - t) s + t) / b_t > s (too wide), where fresh noise returns the data law exactly
+    (tests/test_consistency.py pins both).
+    """
+
+    two_step_time: float = 0.5
+    renoise: Renoise = Renoise.DERIVED
+    name: ClassVar[str] = "consistency"
+    default_steps: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        check_number("two_step_time (the re-noising time of 2-step consistency sampling)", self.two_step_time,
+                     0.0, 1.0, low_open=True, high_open=True)
+        object.__setattr__(self, "two_step_time", float(self.two_step_time))
+        object.__setattr__(self, "renoise", parse_enum(Renoise, self.renoise, "renoise"))
+
+    def times(self, num_steps: int, intermediate: Optional[float] = None) -> list[float]:
+        """The k evaluation times (1, t_1, ..., t_{k-1}) for ``num_steps`` = k."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if intermediate is not None:
+            if num_steps != 2:
+                raise ValueError(f"an intermediate time applies to 2-step sampling only, got num_steps={num_steps}")
+            check_number("the intermediate time", intermediate, 0.0, 1.0, low_open=True, high_open=True)
+            return [1.0, float(intermediate)]
+        if num_steps == 2:
+            return [1.0, self.two_step_time]
+        return [1.0 - index / num_steps for index in range(num_steps)]
+
+    def __call__(self, model, noise, conditions=None, *, num_steps, intermediate=None, guidance_scale=1.0,
+                 null_label=None):
+        return sample_consistency(model, noise, conditions, self.times(num_steps, intermediate), self.renoise,
+                                  guidance_scale, null_label)
+
+    def describe(self, num_steps: int, intermediate: Optional[float] = None) -> str:
+        times = self.times(num_steps, intermediate)
+        middle = f"_t{times[1]:g}" if num_steps == 2 else ""
+        return f"cm{num_steps}{middle}" + ("_same-noise" if self.renoise is Renoise.INITIAL else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "two_step_time": self.two_step_time, "renoise": self.renoise.value}
+
+
 SAMPLERS: dict[str, type[Sampler]] = {
     AverageVelocitySampler.name: AverageVelocitySampler,
     VelocityOdeSampler.name: VelocityOdeSampler,
     ImfSampler.name: ImfSampler,
+    ConsistencySampler.name: ConsistencySampler,
 }
 
 

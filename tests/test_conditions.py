@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch
+from gaussian import GaussianAverageVelocity
 from torch import nn
 
 from meanflow.conditions import (
@@ -96,7 +97,8 @@ def test_a_network_may_return_named_outputs_and_every_part_reads_u():
 
 def test_the_explicit_tangent_is_declared_and_goes_through_the_module_call():
     model = tiny_dit().double()
-    assert supports_explicit_tangent(model) and not supports_explicit_tangent(MLP(MLPConfig()))
+    assert supports_explicit_tangent(model) and supports_explicit_tangent(MLP(MLPConfig()))
+    assert not supports_explicit_tangent(GaussianAverageVelocity(torch.zeros(2), torch.ones(2)))  # jvp for it
     calls = []
     model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(sorted(kwargs)), with_kwargs=True)
     z, v = torch.randn(3, 1, 4, 4, dtype=F64), torch.randn(3, 1, 4, 4, dtype=F64)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_runs import tiny
 
 from meanflow.conditions import Conditions
 from meanflow.models.mlp import MLP, MLPConfig
@@ -242,12 +243,6 @@ def test_sampler_passes_the_guidance_inputs_at_one_nfe_a_step():
         sampler(network, noise, num_steps=1, guidance_scale=2.0)
     assert sampler_from_dict(ImfSampler(8.0, (0.4, 0.65)).to_dict()) == ImfSampler(8.0, (0.4, 0.65))
 
-
-def tiny(config, steps=6):
-    return config.with_overrides([
-        f"training.steps={steps}", "training.batch_size=32", "training.checkpoint_every=3", "training.log_every=3",
-        "training.grid_steps=[1]", "training.grid_samples=16", "model.options.hidden_size=16",
-        "model.options.depth=2"])
 
 
 def test_toy_preset_trains_through_the_registry_and_samples_with_its_own_sampler(tmp_path):

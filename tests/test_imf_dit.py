@@ -1,4 +1,4 @@
-"""Tests of the iMF transformer: shapes, official sizes, zero init, the JVP and the conditions."""
+"""Tests of the iMF transformer: shapes, official sizes, zero init, the JVP, the explicit tangent and the conditions."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from meanflow import Batch, MeanFlow
-from meanflow.conditions import Conditions, ModelOutput
+from meanflow.conditions import Conditions, ModelOutput, Tangent
 from meanflow.models import build_model
 from meanflow.models import attention as attention_module
 from meanflow.models.imf_dit import (
     IMF_DIT_PRESETS,
     ImfDiT,
     ImfDiTConfig,
+    RMSNorm,
     apply_rope,
     imf_dit_preset,
     rope_angles,
@@ -292,3 +293,142 @@ def test_the_imf_objective_trains_the_imf_dit_through_the_registry():
     out.loss.backward()
     optimizer.step()
     assert sum(not torch.equal(b, p) for b, p in zip(before, model.parameters())) > 0
+
+
+# --- the explicit tangent ----------------------------------------------------------------------------
+
+F64 = torch.float64
+TANGENT_TOLERANCE = dict(rtol=1e-10, atol=1e-10)
+TANGENT_CONFIGS = {
+    "auxiliary-head": TINY,
+    "no-auxiliary-head": ImfDiTConfig(input_size=4, in_channels=3, patch_size=2, hidden_size=16, depth=3,
+                                      num_heads=2, num_classes=10, aux_head_depth=1, frequency_size=16,
+                                      auxiliary_head=False),
+    "patch-1-no-trunk": ImfDiTConfig(input_size=4, in_channels=2, patch_size=1, hidden_size=16, depth=2,
+                                     num_heads=2, num_classes=3, aux_head_depth=2, frequency_size=16,
+                                     num_class_tokens=2, num_cfg_tokens=1, num_interval_tokens=1,
+                                     num_time_tokens=3),
+}
+
+
+def random_imf_dit(config: ImfDiTConfig, seed: int = 0) -> ImfDiT:
+    """A float64 imfDiT with every zero-initialised parameter (residual scales, final linears) and
+    every RMSNorm weight (one at init) random, so no term of the tangent is trivially zero."""
+    model = perturb(ImfDiT(config), seed=seed).double()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):  # the block norms, the QK-norms, the final norms
+                module.weight.add_(0.3 * torch.randn(module.weight.shape, generator=generator, dtype=F64))
+    return model
+
+
+def flow_tangent(z, r, t, seed: int = 5) -> Tangent:
+    """(dz, dr, dt) = (v, 0, 1) with a random v: the tangent of F-2 / Eq. 5."""
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed), dtype=z.dtype)
+    return Tangent(v, torch.zeros_like(r), torch.ones_like(t))
+
+
+def u_head(model, conditions):
+    return lambda z_, r_, t_: model(z_, r_, t_, conditions).u
+
+
+@pytest.mark.parametrize("name", sorted(TANGENT_CONFIGS))
+def test_explicit_tangent_equals_func_jvp_and_its_primal_the_forward(name):
+    config = TANGENT_CONFIGS[name]
+    model = random_imf_dit(config)
+    assert model.explicit_tangent
+    z, r, t, conditions = inputs(config, batch=3, dtype=F64)
+    generator = torch.Generator().manual_seed(7)
+    random = Tangent(torch.randn(z.shape, generator=generator, dtype=F64),
+                     torch.randn(r.shape, generator=generator, dtype=F64),
+                     torch.randn(t.shape, generator=generator, dtype=F64))
+    for tangent in (flow_tangent(z, r, t), random):
+        out = model(z, r, t, conditions, tangent=tangent)  # through the module call
+        u_ref, du_ref = torch.func.jvp(u_head(model, conditions), (z, r, t), (tangent.dz, tangent.dr, tangent.dt))
+        assert isinstance(out, ModelOutput) and out.v is None and not out.du.requires_grad
+        assert du_ref.abs().mean() > 1e-2
+        torch.testing.assert_close(out.du, du_ref, **TANGENT_TOLERANCE)
+        with torch.no_grad():
+            # Not bitwise: the forward's fused attention kernel and 1-row-set GEMMs round differently.
+            torch.testing.assert_close(out.u, model(z, r, t, conditions).u, rtol=1e-12, atol=1e-12)
+
+
+def test_explicit_tangent_is_a_central_difference_in_float64():
+    # Independent of torch.func: [u(z + h v, r, t + h) - u(z - h v, r, t - h)] / 2h.
+    model = random_imf_dit(TINY, seed=2)
+    z, r, t, conditions = inputs(TINY, dtype=F64, seed=3)
+    tangent = flow_tangent(z, r, t)
+    du = model(z, r, t, conditions, tangent=tangent).du
+    step = 1e-6
+    u = u_head(model, conditions)
+    with torch.no_grad():
+        difference = (u(z + step * tangent.dz, r, t + step) - u(z - step * tangent.dz, r, t - step)) / (2 * step)
+    assert du.abs().mean() > 1e-2
+    torch.testing.assert_close(du, difference, rtol=1e-6, atol=1e-7)
+
+
+def test_only_z_and_the_gap_move_along_the_tangent():
+    """t reaches the network only through h = t - r: moving r and t together (dh = 0) with z fixed
+    changes nothing, exactly; moving t alone moves the time tokens, as torch.func.jvp says."""
+    model = random_imf_dit(TINY, seed=4)
+    z, r, t, conditions = inputs(TINY, dtype=F64, seed=5)
+    ones = torch.ones_like(t)
+    still = model(z, r, t, conditions, tangent=Tangent(torch.zeros_like(z), ones, ones)).du
+    assert torch.equal(still, torch.zeros_like(z))
+    gap_only = model(z, r, t, conditions, tangent=Tangent(torch.zeros_like(z), torch.zeros_like(r), ones)).du
+    _, reference = torch.func.jvp(lambda t_: model(z, r, t_, conditions).u, (t,), (ones,))
+    assert reference.abs().mean() > 1e-3
+    torch.testing.assert_close(gap_only, reference, **TANGENT_TOLERANCE)
+
+
+def test_explicit_tangent_in_float32_agrees_with_func_jvp():
+    # The dtype training runs the target in (RoPE promotes to float32 and back; the buffers keep it).
+    model = random_imf_dit(TINY, seed=9).float()
+    z, r, t, conditions = inputs(TINY, batch=4, seed=10)
+    tangent = flow_tangent(z, r, t)
+    out = model(z, r, t, conditions, tangent=tangent)
+    _, du_ref = torch.func.jvp(u_head(model, conditions), (z, r, t), (tangent.dz, tangent.dr, tangent.dt))
+    assert out.du.dtype == torch.float32
+    torch.testing.assert_close(out.du, du_ref, rtol=1e-4, atol=1e-4 * du_ref.abs().max().item())
+
+
+def test_explicit_tangent_checks_its_inputs():
+    model = random_imf_dit(TINY)
+    z, r, t, conditions = inputs(TINY, dtype=F64)
+    tangent = flow_tangent(z, r, t)
+    with pytest.raises(ValueError, match="dz"):
+        model(z, r, t, conditions, tangent=Tangent(tangent.dz[:, :2], tangent.dr, tangent.dt))
+    with pytest.raises(ValueError, match="missing"):
+        model(z, r, t, conditions.labels, tangent=tangent)
+
+
+@pytest.mark.parametrize("dropped", [False, True], ids=["kept", "dropped"])
+def test_imf_terms_with_the_explicit_tangent_equal_those_with_torch_func_jvp(dropped):
+    """The iMF objective's two_pass derivative, du/dt of the u head along (v_c, 0, 1), goes through
+    the explicit tangent (one call with tangent=) and gives the terms that torch.func.jvp gives."""
+    from meanflow.objectives import build_objective
+    from test_tangent import TorchFuncOnly
+
+    config = ImfDiTConfig.from_dict({**TINY.to_dict(), "num_classes": 3})
+    model = random_imf_dit(config, seed=6)
+    objective = build_objective("imf", None, num_classes=3, model=model)
+    generator = torch.Generator().manual_seed(8)
+    x, noise = torch.randn(2, 6, 3, 8, 8, generator=generator, dtype=F64)
+    t = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], dtype=F64)
+    r = torch.tensor([0.1, 0.8, 0.3, 0.0, 0.5, 0.2], dtype=F64)  # r = t on rows 1 and 4
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])  # 3 is the null class
+    omega = torch.tensor([1.0, 2.0, 3.5, 1.5, 4.0, 6.0], dtype=F64)
+    interval = torch.tensor([[0.0, 1.0], [0.2, 0.9], [0.1, 0.6], [0.3, 0.7], [0.0, 1.0], [0.35, 0.5]], dtype=F64)
+    drop = torch.tensor([False, False, True, False, False, True]) if dropped else None
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append("tangent" in kwargs), with_kwargs=True)
+    fast = objective.prediction_and_target(model, x, noise, r, t, labels, omega, interval, drop)
+    assert calls.count(True) == 1  # the derivative went through the explicit tangent
+    reference = objective.prediction_and_target(TorchFuncOnly(model), x, noise, r, t, labels, omega, interval, drop)
+    assert calls.count(True) == 1  # ... and the reference did not
+    moving = r < t
+    assert (fast.V - fast.u)[moving].abs().mean() > 1e-2  # (t - r) du/dt matters on the r != t rows
+    torch.testing.assert_close(fast.V, reference.V, **TANGENT_TOLERANCE)
+    for name in ("u", "v", "target"):
+        assert torch.equal(getattr(fast, name), getattr(reference, name)), name

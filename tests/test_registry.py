@@ -122,7 +122,7 @@ def test_each_objective_declares_its_sampler():
 @pytest.mark.parametrize("override, message", [
     ("objective.meanflow.omega_prime=2", r"unknown field 'omega_prime'; valid fields are \['c', 'class_dropout'"),
     ("objective.flow_matching.mu=0", "settings of method 'flow_matching', but the method is 'meanflow'"),
-    ("objective.method=consistency", "objective.method must be one of"),
+    ("objective.method=no_such_method", "objective.method must be one of"),
     ("objective.meanflow.sigma=NaN", "sigma must be a finite number > 0"),
     ("objective.meanflow.omega=-1", "omega must be a finite number >= 0"),
 ])

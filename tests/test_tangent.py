@@ -1,5 +1,8 @@
 """Tests of the hand-written forward mode: each tangent piece and DiT.forward_with_tangent against torch.func.jvp.
 
+(The imfDiT's and the MLP's explicit tangents are tested in tests/test_imf_dit.py and
+tests/test_mlp_tangent.py; :class:`TorchFuncOnly` here is their way to force torch.func.jvp.)
+
 Everything runs in float64, where the explicit tangent and torch.func.jvp agree to round-off, so a
 wrong term (a missed product-rule half, a tangent bias, a wrong sign) shows as an O(1) error.
 """
@@ -11,11 +14,13 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from meanflow.models import tangent
 from meanflow.models.attention import math_attention
 from meanflow.models.dit import DiT, DiTConfig, modulate
 from meanflow.models.embeddings import ScalarEmbedder, TimeConditioning, sinusoidal_embedding
+from meanflow.models.imf_dit import RMSNorm, SwiGLU, apply_rope, rope_angles
 
 F64 = torch.float64
 TOLERANCE = dict(rtol=1e-10, atol=1e-10)
@@ -34,6 +39,26 @@ def assert_pair_close(actual, expected):
     assert dy_ref.abs().max() > 1e-3  # the reference tangent is not trivially zero
     torch.testing.assert_close(y, y_ref, **TOLERANCE)
     torch.testing.assert_close(dy, dy_ref, **TOLERANCE)
+
+
+class TorchFuncOnly(nn.Module):
+    """A network without its explicit tangent: the same calls, but ``explicit_tangent`` is not
+    declared, so :func:`meanflow.jvp.tangent_along_flow` falls back to ``torch.func.jvp``."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    @property
+    def accepted_conditions(self) -> frozenset[str]:
+        return self.network.accepted_conditions
+
+    @property
+    def auxiliary_velocity(self) -> bool:
+        return self.network.auxiliary_velocity
+
+    def forward(self, z, r, t, conditions=None):
+        return self.network(z, r, t, conditions)
 
 
 # --- the pieces -----------------------------------------------------------------------------------
@@ -113,6 +138,68 @@ def test_gated_residual():
     with torch.no_grad():
         actual = tangent.gated_residual_with_tangent(x, dx, branch, dbranch, gate, dgate)
     assert_pair_close(actual, jvp(residual, [x, branch, gate], [dx, dbranch, dgate]))
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm(with_weight):
+    # Also the QK-norm: heads as a leading axis of a transposed (non-contiguous) view.
+    x, dx = ((3 * randn(2, 5, 3, 8, seed=seed) + 1).transpose(1, 2) for seed in (0, 1))
+    weight = 1 + randn(8, seed=2) if with_weight else None
+
+    def reference(a):
+        normalized = a * torch.rsqrt(a.square().mean(dim=-1, keepdim=True) + 1e-6)
+        return normalized if weight is None else normalized * weight
+
+    with torch.no_grad():
+        actual = tangent.rms_norm_with_tangent(x, dx, weight, eps=1e-6)
+    assert_pair_close(actual, jvp(reference, [x], [dx]))
+    if with_weight:  # the primal is RMSNorm.forward's own sequence of ops: equal bitwise
+        module = RMSNorm(8).double()
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            assert torch.equal(actual[0], module(x))
+            assert torch.equal(module.forward_with_tangent(x, dx)[1], actual[1])
+
+
+def test_rms_norm_tangent_closed_form():
+    # dy = w s (dx - x_hat mean(x_hat dx)) with eps = 0: scaling x leaves y, so the tangent along x vanishes.
+    x = randn(3, 8, seed=0)
+    weight = 1 + randn(8, seed=1)
+    with torch.no_grad():
+        _, stretch = tangent.rms_norm_with_tangent(x, x, weight, eps=0.0)
+        _, other = tangent.rms_norm_with_tangent(x, randn(3, 8, seed=2), weight, eps=0.0)
+    torch.testing.assert_close(stretch, torch.zeros_like(x), rtol=0, atol=1e-13)
+    assert other.abs().max() > 1e-2
+
+
+def test_swiglu():
+    module = SwiGLU(6, 10).double()
+    x, dx = randn(2, 5, 6, seed=0), randn(2, 5, 6, seed=1)
+    with torch.no_grad():
+        actual = module.forward_with_tangent(x, dx)
+    assert_pair_close(actual, jvp(module, [x], [dx]))
+
+
+def test_linear_map_is_its_own_tangent_for_rope():
+    cos, sin = (part.double() for part in rope_angles(head_dim=4, length=5))
+    x, dx = randn(2, 3, 5, 4, seed=0), randn(2, 3, 5, 4, seed=1)  # (B, H, L, hd)
+
+    def rotate(a):
+        return apply_rope(a, cos, sin)
+
+    with torch.no_grad():
+        actual = tangent.linear_map_with_tangent(x, dx, rotate)
+    assert_pair_close(actual, jvp(rotate, [x], [dx]))
+    assert torch.equal(actual[0], rotate(x)) and torch.equal(actual[1], rotate(dx))  # one call, same rotation
+
+
+def test_gated_residual_with_a_constant_scale():
+    # The imfDiT's residual scale: a (D,) parameter, so dy = dx + scale * dbranch (no gate tangent).
+    x, dx, branch, dbranch = (randn(2, 5, 8, seed=seed) for seed in range(4))
+    scale = randn(8, seed=4)
+    with torch.no_grad():
+        actual = tangent.gated_residual_with_tangent(x, dx, branch, dbranch, scale)
+    assert_pair_close(actual, jvp(lambda x_, b_: x_ + b_ * scale, [x, branch], [dx, dbranch]))
 
 
 def test_attention():

@@ -23,7 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=positive_int,
                         help="sampling steps (default: 1 for average-velocity models, 50 for ODE samplers); the "
                              "report states the true number of network evaluations (NFE)")
-    parser.add_argument("--intermediate", type=float, help="the middle time of 2-step sampling (default 0.5)")
+    parser.add_argument("--intermediate", type=float,
+                        help="the middle time of 2-step sampling (default: the run's sampler's; 0.5 for "
+                             "average-velocity steps)")
     parser.add_argument("--weights", help="an EMA name such as ema_0.9999, or raw (default: the first EMA)")
     parser.add_argument("--label", type=int, help="generate this class only, 0..C-1 (default: all classes in turn)")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="inference-time CFG (doubles the NFE)")

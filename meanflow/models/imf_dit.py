@@ -21,8 +21,20 @@ Parameter names are the official PyTorch state-dict keys without the ``net.`` pr
 ``._flax_linear`` / ``._flax_embedding`` wrapper segments (docs/imf.md lists them), so the
 official files load through a rename table.
 
-There is no explicit tangent: ``torch.func.jvp`` goes through :meth:`ImfDiT.forward` (the
-attention switches to its math path under forward-mode AD; everything else is plain ops).
+The explicit tangent. iMF's target needs du/dt of the ``u`` head along (v_c, dr = 0, dt = 1)
+(F-2; official ``imf.py`` lines 366-373: ``jax.jvp`` of ``u_fn(z_t, t, r)`` with tangents
+``(v_c, 1, 0)``, where ``u_fn`` passes ``h = t - r``). ``model(z, r, t, conditions,
+tangent=Tangent(dz, dr, dt))`` computes it by hand (:meth:`ImfDiT.forward_with_tangent`), primal
+and tangent together from the pieces of :mod:`~meanflow.models.tangent`, one GEMM per linear
+layer for both. What moves along the tangent, read off the official ``__call__``
+(``models/imfDiT.py`` lines 325-343, "we don't explicitly condition on time t, only on h"):
+``z`` (by ``dz``) and ``h = t - r`` (by ``dt - dr``), so the patch tokens and the time tokens
+carry tangents; the class, omega and interval tokens are constants (zero tangent), as are the
+RoPE angles. RoPE is linear in its input: the tangent gets the same rotation. The call runs the
+trunk and the ``u`` head only and returns ``ModelOutput(u, du)`` with ``v = None``: the target
+needs no ``v``, and its head would cost ``aux_head_depth`` more blocks. ``torch.func.jvp`` through
+:meth:`ImfDiT.forward` still works (the attention switches to its math path under forward-mode
+AD) and is what ``derivative='jvp'`` uses.
 """
 
 from __future__ import annotations
@@ -42,13 +54,24 @@ from ..conditions import (
     LABELS,
     ConditionsLike,
     ModelOutput,
+    Tangent,
     as_conditions,
     check_accepted,
 )
 from ..validation import check_integer
 from .attention import attention
 from .base import AverageVelocityNetwork, ConfigRecord
+from .dit import _patchify
 from .embeddings import ScalarEmbedder
+from .tangent import (
+    attention_with_tangent,
+    gated_residual_with_tangent,
+    linear_map_with_tangent,
+    linear_with_tangent,
+    pair,
+    rms_norm_with_tangent,
+    swiglu_with_tangent,
+)
 
 
 @dataclass(frozen=True)
@@ -168,6 +191,10 @@ class RMSNorm(nn.Module):
         """x: (..., D) -> (..., D)."""
         return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps) * self.weight
 
+    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """x, dx: (..., D) -> the output and its tangent, (..., D) each. No gradient recording."""
+        return rms_norm_with_tangent(x, dx, self.weight, self.eps)
+
 
 def rope_angles(head_dim: int, length: int, theta: float = 10_000.0) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles ``position * theta^(-2i / head_dim)``, as the official
@@ -219,6 +246,29 @@ class RoPEAttention(nn.Module):
         out = attention(q, k, split(self.v_proj))  # (B, H, L, hd); fused unless under forward-mode AD
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))  # (B, L, D)
 
+    def forward_with_tangent(self, x: Tensor, dx: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """x, dx: (B, L, D); cos, sin: (L, hd / 2) -> the output and its tangent, (B, L, D) each.
+
+        The softmax attention materialises its (L, L) scores for the tangent
+        (:func:`~meanflow.models.tangent.attention_with_tangent`). No gradient recording.
+        """
+        batch, length, width = x.shape
+        heads = self.num_heads
+
+        def split(projection: nn.Linear) -> tuple[Tensor, Tensor]:
+            y, dy = linear_with_tangent(x, dx, projection.weight)  # (B, L, D) each, one GEMM
+            both = pair(y, dy).view(2, batch, length, heads, width // heads).transpose(2, 3)  # (2, B, H, L, hd)
+            return both[0], both[1]
+
+        def rotate(both: Tensor) -> Tensor:
+            return apply_rope(both, cos, sin)  # (2, B, H, L, hd): linear, so the tangent turns alike
+
+        q, dq = linear_map_with_tangent(*self.q_norm.forward_with_tangent(*split(self.q_proj)), rotate)
+        k, dk = linear_map_with_tangent(*self.k_norm.forward_with_tangent(*split(self.k_proj)), rotate)
+        out, dout = attention_with_tangent(q, dq, k, dk, *split(self.v_proj))  # (B, H, L, hd) each
+        both = pair(out, dout).transpose(2, 3).reshape(2, batch, length, width)  # (2, B, L, D), one copy
+        return linear_with_tangent(both[0], both[1], self.out_proj.weight)  # (B, L, D) each
+
 
 class SwiGLU(nn.Module):
     """``w2(silu(w1 x) * w3 x)`` without biases. (B, L, D) -> (B, L, D)."""
@@ -231,6 +281,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """x, dx: (B, L, D) -> the output and its tangent, (B, L, D) each. No gradient recording."""
+        return swiglu_with_tangent(x, dx, self.w1.weight, self.w3.weight, self.w2.weight)
 
 
 class TransformerBlock(nn.Module):
@@ -250,6 +304,16 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin) * self.attn_scale  # (B, L, D)
         return x + self.mlp(self.norm2(x)) * self.mlp_scale  # (B, L, D)
 
+    def forward_with_tangent(self, x: Tensor, dx: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """x, dx: (B, L, D) -> the block's output and its tangent, (B, L, D) each. No gradient recording.
+
+        The residual scales are parameters, constant along the tangent: dy = dx + scale * dbranch.
+        """
+        h, dh = self.attn.forward_with_tangent(*self.norm1.forward_with_tangent(x, dx), cos, sin)
+        x, dx = gated_residual_with_tangent(x, dx, h, dh, self.attn_scale)
+        h, dh = self.mlp.forward_with_tangent(*self.norm2.forward_with_tangent(x, dx))
+        return gated_residual_with_tangent(x, dx, h, dh, self.mlp_scale)
+
 
 class FinalLayer(nn.Module):
     """RMSNorm, then a linear (zero at init) from each token to its patch. (B, N, D) -> (B, N, p * p * C)."""
@@ -261,6 +325,11 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.norm(x))
+
+    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """x, dx: (B, N, D) -> (B, N, p * p * C) twice. No gradient recording."""
+        h, dh = self.norm.forward_with_tangent(x, dx)
+        return linear_with_tangent(h, dh, self.linear.weight, self.linear.bias)
 
 
 class PatchEmbedder(nn.Module):
@@ -291,8 +360,17 @@ class ImfDiT(AverageVelocityNetwork):
     Takes (and requires) the conditions ``labels`` (B,), ``guidance_scale`` (B,) omega and
     ``guidance_interval`` (B, 2) ``[t_min, t_max]``. ``u`` is the average velocity over [r, t],
     ``v`` the auxiliary head's instantaneous velocity at t (None with ``auxiliary_head=False``).
-    A fresh model outputs exactly zero (zero final linears and residual scales).
+    A fresh model outputs exactly zero (zero final linears and residual scales). It declares an
+    explicit tangent: ``model(z, r, t, conditions, tangent=Tangent(dz, dr, dt))`` returns
+    ``ModelOutput(u, du)`` (:meth:`forward_with_tangent`), through the module call that DDP /
+    compile wrap.
     """
+
+    @property
+    def explicit_tangent(self) -> bool:
+        """True for this class; False for a subclass that overrides ``forward`` (its ``u`` may be
+        another function), which the objectives then differentiate with ``torch.func.jvp``."""
+        return type(self).forward is ImfDiT.forward
 
     def __init__(self, config: ImfDiTConfig):
         super().__init__()
@@ -366,7 +444,8 @@ class ImfDiT(AverageVelocityNetwork):
             nn.init.zeros_(final.linear.weight)
             nn.init.zeros_(final.linear.bias)
 
-    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None) -> ModelOutput:
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None,
+                tangent: Tangent | None = None) -> ModelOutput:
         """The average velocity over [r, t] and the auxiliary velocity at t.
 
         Args:
@@ -374,23 +453,22 @@ class ImfDiT(AverageVelocityNetwork):
             r, t: (B,) the times, ``r <= t``; only ``h = t - r`` is embedded.
             conditions: a Conditions record with ``labels`` (B,) int64 in ``[0, num_classes]``,
                 ``guidance_scale`` (B,) omega > 0 and ``guidance_interval`` (B, 2) [t_min, t_max].
+            tangent: a direction (dz, dr, dt); when given, the call runs :meth:`forward_with_tangent`
+                (no gradient recorded) and returns ``ModelOutput(u, du)``, ``v`` None.
         Returns:
-            ModelOutput with ``u`` and ``v``, (B, C, H, W) each (``v`` None without the head).
+            ModelOutput with ``u`` and ``v``, (B, C, H, W) each (``v`` None without the head), or
+            with a tangent ``u`` and its derivative ``du`` along it.
         """
+        if tangent is not None:
+            u, du = self.forward_with_tangent(z, r, t, conditions, tangent.dz, tangent.dr, tangent.dt)
+            return ModelOutput(u=u, du=du)
         config = self.config
         y, omega, interval = self._read_conditions(conditions, z)
-        batch, p, g, prefix = z.shape[0], config.patch_size, config.grid_size, config.prefix_tokens
+        prefix = config.prefix_tokens
 
         h = t - r  # (B,)
-        def tokens(base: Tensor, embedding: Tensor) -> Tensor:
-            return base[None] + embedding[:, None, :]  # (B, K, D)
-
         seq = torch.cat([
-            tokens(self.class_tokens, self.y_embedder(y)),
-            tokens(self.omega_tokens, self.omega_embedder(1 - 1 / omega)),
-            tokens(self.t_min_tokens, self.cfg_t_start_embedder(interval[:, 0])),
-            tokens(self.t_max_tokens, self.cfg_t_end_embedder(interval[:, 1])),
-            tokens(self.time_tokens, self.h_embedder(h)),
+            *self._condition_tokens(y, omega, interval, self.h_embedder(h)),  # (B, P, D) in all
             self.x_embedder(z),  # (B, N, D)
         ], dim=1)  # (B, P + N, D)
         cos, sin = self.rope_cos, self.rope_sin
@@ -401,13 +479,77 @@ class ImfDiT(AverageVelocityNetwork):
             x = seq
             for block in blocks:
                 x = block(x, cos, sin)  # (B, P + N, D)
-            x = final(x[:, prefix:])  # (B, N, p * p * C): the conditioning tokens dropped
-            x = x.reshape(batch, g, g, p, p, config.in_channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, G, p, G, p)
-            return x.reshape(batch, config.in_channels, g * p, g * p)  # (B, C, H, W)
+            return self._unpatchify(final(x[:, prefix:]))  # (B, C, H, W): the conditioning tokens dropped
 
         u = head(self.u_heads, self.u_final_layer)
         v = head(self.v_heads, self.v_final_layer) if config.auxiliary_head else None
         return ModelOutput(u=u, v=v)
+
+    def forward_with_tangent(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike, dz: Tensor,
+                             dr: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
+        """(u, du): u of :meth:`forward` and its derivative along (dz, dr, dt), by hand.
+
+        With the tangent (v_c, 0, 1) it is du/dt of F-2, what ``torch.func.jvp`` of the ``u`` head
+        gives. Only ``z`` and ``h = t - r`` move (module docstring): the patch tokens by the patch
+        embedding of ``dz``, the time tokens by the tangent of the ``h`` embedding along
+        ``dt - dr``; the class, omega and interval tokens are constant. Runs the trunk and the ``u``
+        head only, without gradient (the target is stop-gradient).
+
+        Args:
+            z, dz: (B, C, H, W) the state z_t and its tangent.
+            r, t, dr, dt: (B,) the times and their tangents.
+            conditions: as in :meth:`forward` (constant along the tangent).
+        Returns:
+            u, du: (B, C, H, W) each.
+        """
+        config = self.config
+        y, omega, interval = self._read_conditions(conditions, z)
+        if dz.shape != z.shape:
+            raise ValueError(f"dz must have z's shape {tuple(z.shape)}, got {tuple(dz.shape)}")
+        prefix, constant = config.prefix_tokens, config.prefix_tokens - config.num_time_tokens
+        with torch.no_grad():
+            e_h, de_h = self.h_embedder.forward_with_tangent(t - r, dt - dr)  # (B, D) each
+            # The patch embedding is a linear map of each flattened patch: one GEMM for z and dz.
+            weight = self.x_embedder.proj.weight.flatten(1)  # (D, C * p * p)
+            x, dx = linear_with_tangent(_patchify(z, config.patch_size), _patchify(dz, config.patch_size), weight)
+            x.add_(self.x_embedder.proj.bias)  # (B, N, D); a constant: primal only
+            batch, patches, width = x.shape
+            seq = x.new_empty((2, batch, prefix + patches, width))  # (2, B, P + N, D)
+            torch.cat([*self._condition_tokens(y, omega, interval, e_h), x], dim=1, out=seq[0])
+            seq[1, :, :constant] = 0  # class, omega and interval tokens: constants
+            seq[1, :, constant:prefix] = de_h[:, None, :]  # the time tokens move with h
+            seq[1, :, prefix:] = dx
+            x, dx = seq[0], seq[1]
+            cos, sin = self.rope_cos, self.rope_sin
+            for block in (*self.shared_blocks, *self.u_heads):
+                x, dx = block.forward_with_tangent(x, dx, cos, sin)  # (B, P + N, D) each
+            x, dx = self.u_final_layer.forward_with_tangent(x[:, prefix:], dx[:, prefix:])  # (B, N, p * p * C)
+            both = self._unpatchify(pair(x, dx))  # (2, B, C, H, W), one copy
+            return both[0], both[1]
+
+    def _condition_tokens(self, y: Tensor, omega: Tensor, interval: Tensor, h_embedding: Tensor) -> list[Tensor]:
+        """The conditioning tokens, each learned base plus its condition's embedding, in the official
+        order [class | omega | t_min | t_max | time]: (B, K, D) each, P tokens in all."""
+        def tokens(base: Tensor, embedding: Tensor) -> Tensor:
+            return base[None] + embedding[:, None, :]  # (B, K, D)
+
+        return [
+            tokens(self.class_tokens, self.y_embedder(y)),
+            tokens(self.omega_tokens, self.omega_embedder(1 - 1 / omega)),
+            tokens(self.t_min_tokens, self.cfg_t_start_embedder(interval[:, 0])),
+            tokens(self.t_max_tokens, self.cfg_t_end_embedder(interval[:, 1])),
+            tokens(self.time_tokens, h_embedding),
+        ]
+
+    def _unpatchify(self, x: Tensor) -> Tensor:
+        """(..., N, p * p * C) patch values -> (..., C, H, W) images, N = G * G in row-major order."""
+        config = self.config
+        p, g, channels = config.patch_size, config.grid_size, config.in_channels
+        lead = x.shape[:-2]
+        n = len(lead)
+        x = x.reshape(*lead, g, g, p, p, channels)  # (..., G, G, p, p, C)
+        x = x.permute(*range(n), n + 4, n, n + 2, n + 1, n + 3)  # (..., C, G, p, G, p)
+        return x.reshape(*lead, channels, g * p, g * p)  # (..., C, H, W)
 
     def _read_conditions(self, conditions: ConditionsLike, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         config = self.config

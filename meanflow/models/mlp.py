@@ -1,15 +1,24 @@
-"""A small MLP average-velocity model for low-dimensional data (the 2-D toys)."""
+"""A small MLP average-velocity model for low-dimensional data (the 2-D toys).
+
+It declares an explicit tangent (:meth:`MLP.forward_with_tangent`): the MeanFlow and iMF targets
+need du/dt along (v, 0, 1) (Eq. 5, F-2), and on these small batches ``torch.func.jvp`` spends most
+of its time in per-op overhead. Along a tangent (dz, dr, dt) only ``z``, ``t`` and ``t - r`` move;
+the labels and the guidance inputs (omega, [t_min, t_max]) are constants, so their embeddings
+have zero tangent.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from ..conditions import GUIDANCE_INTERVAL, GUIDANCE_SCALE, ConditionsLike, ModelOutput, as_conditions
+from ..conditions import GUIDANCE_INTERVAL, GUIDANCE_SCALE, ConditionsLike, ModelOutput, Tangent, as_conditions
 from .base import AverageVelocityNetwork, ConfigRecord
 from .embeddings import ScalarEmbedder, TimeConditioning
+from .tangent import linear_with_tangent, silu_with_tangent
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,18 @@ class MLP(AverageVelocityNetwork):
     embed(t_min) + embed(t_max) (the official imfDiT embeds the scale as 1 - 1/omega, which maps
     [1, inf) to [0, 1)); with ``auxiliary_velocity`` a second small head reads the same trunk and
     the call returns ``ModelOutput(u, v)``, v an instantaneous velocity (zero at start too).
+
+    Called with ``tangent=Tangent(dz, dr, dt)`` it returns ``ModelOutput(u, du)`` (``v`` None: the
+    velocity head does not feed ``u``), computed by hand, primal and tangent through one GEMM per
+    linear layer.
     """
+
+    @property
+    def explicit_tangent(self) -> bool:
+        """True for this class: :meth:`forward_with_tangent` differentiates :meth:`forward`'s ``u``.
+        False for a subclass that overrides ``forward`` (its ``u`` may be another function, and its
+        ``forward`` may not take ``tangent=``), so the objectives fall back to ``torch.func.jvp``."""
+        return type(self).forward is MLP.forward
 
     def __init__(self, config: MLPConfig):
         super().__init__()
@@ -94,11 +114,16 @@ class MLP(AverageVelocityNetwork):
         """True if the call returns an auxiliary instantaneous velocity ``v`` beside ``u``."""
         return self.config.auxiliary_velocity
 
-    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None) -> Tensor | ModelOutput:
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None,
+                tangent: Tangent | None = None) -> Tensor | ModelOutput:
         """z: (B, D); r, t: (B,); conditions: labels (B,), a Conditions record or None.
 
-        Returns u (B, D), or ``ModelOutput(u, v)`` (each (B, D)) with ``auxiliary_velocity``.
+        Returns u (B, D), or ``ModelOutput(u, v)`` (each (B, D)) with ``auxiliary_velocity``; with a
+        ``tangent`` (dz, dr, dt), ``ModelOutput(u, du)`` from :meth:`forward_with_tangent`.
         """
+        if tangent is not None:
+            u, du = self.forward_with_tangent(z, r, t, conditions, tangent.dz, tangent.dr, tangent.dt)
+            return ModelOutput(u=u, du=du)
         c = self.conditioning(r, t, self.read_labels(conditions))  # (B, W)
         if self.guidance_embedders:
             c = c + self._guidance_embedding(as_conditions(conditions))  # (B, W)
@@ -113,6 +138,44 @@ class MLP(AverageVelocityNetwork):
         if self.velocity_head is None:
             return u
         return ModelOutput(u=u, v=self.velocity_head(h))  # v: (B, D)
+
+    def forward_with_tangent(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike, dz: Tensor,
+                             dr: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
+        """(u, du): u of :meth:`forward` and its derivative along (dz, dr, dt), without gradient.
+
+        The conditioning vector moves through embed(t) and embed(t - r) (by dt and dt - dr); the
+        label and guidance embeddings are constant. With (v, 0, 1) this is d/dt u of Eq. 5.
+
+        Args:
+            z, dz: (B, D) the state and its tangent.
+            r, t, dr, dt: (B,) the times and their tangents.
+            conditions: as in :meth:`forward`.
+        Returns:
+            u, du: (B, D) each.
+        """
+        if dz.shape != z.shape:
+            raise ValueError(f"dz must have z's shape {tuple(z.shape)}, got {tuple(dz.shape)}")
+        labels = self.read_labels(conditions)
+        with torch.no_grad():
+            c, dc = self.conditioning.forward_with_tangent(r, t, labels, dr, dt)  # (B, W) each
+            if self.guidance_embedders:
+                c = c + self._guidance_embedding(as_conditions(conditions))  # a constant: primal only
+            h, dh = linear_with_tangent(z, dz, self.input.weight, self.input.bias)  # (B, W) each
+            h.add_(c)
+            dh.add_(dc)
+            c, dc = silu_with_tangent(c, dc)
+            for index, block in enumerate(self.blocks):
+                a, da = h, dh
+                if self.block_conditioning:
+                    conditioning = self.block_conditioning[index]
+                    a, da = linear_with_tangent(c, dc, conditioning.weight, conditioning.bias)
+                    a.add_(h)  # h + projection(SiLU(c)), into the fresh halves
+                    da.add_(dh)
+                a, da = silu_with_tangent(a, da)
+                a, da = linear_with_tangent(a, da, block[1].weight, block[1].bias)
+                h, dh = a.add_(h), da.add_(dh)  # (B, W) residual; still the halves of one buffer
+            h, dh = silu_with_tangent(h, dh)
+            return linear_with_tangent(h, dh, self.output[1].weight, self.output[1].bias)  # (B, D) each
 
     def _guidance_embedding(self, conditions) -> Tensor:
         """embed(1 - 1/omega) + embed(t_min) + embed(t_max). -> (B, W)"""

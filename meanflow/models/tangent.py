@@ -1,4 +1,10 @@
-"""Forward-mode differentiation of the DiT's building blocks, written out by hand.
+"""Forward-mode differentiation of the networks' building blocks, written out by hand.
+
+The DiT (:mod:`~meanflow.models.dit`), the iMF transformer (:mod:`~meanflow.models.imf_dit`) and
+the MLP (:mod:`~meanflow.models.mlp`) compose their explicit tangents from these pieces, one
+function per layer kind: linear, LayerNorm, RMSNorm (also the per-head QK-norm), GELU, SiLU,
+SwiGLU, adaLN modulation, gated or scaled residuals, softmax attention, sinusoidal embeddings,
+and any map that is linear in its input (RoPE), whose tangent is the same map.
 
 The MeanFlow target needs du/dt, one Jacobian-vector product of the network along the tangent
 (dz, dr, dt) = (v, 0, 1) (Eq. 5), and needs it without gradient (the target is stop-gradient,
@@ -26,6 +32,7 @@ require grad. They never modify their inputs.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -149,25 +156,100 @@ def modulate_with_tangent(
 
 
 def gated_residual_with_tangent(
-    x: Tensor, dx: Tensor, branch: Tensor, dbranch: Tensor, gate: Tensor, dgate: Tensor
+    x: Tensor, dx: Tensor, branch: Tensor, dbranch: Tensor, gate: Tensor, dgate: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The adaLN-Zero residual ``y = x + gate * branch`` and its tangent (product rule).
+    """A gated residual ``y = x + gate * branch`` and its tangent (product rule).
 
-    ``dy = dx + gate * dbranch + dgate * branch``.
+    ``dy = dx + gate * dbranch + dgate * branch``. Two kinds of gate: the DiT's adaLN-Zero gate,
+    per sample and moving with the conditions (``gate``, ``dgate``: (B, D)), and the imfDiT's
+    per-channel residual scale, a parameter (``gate``: (D,), ``dgate`` None: a constant's tangent
+    is zero, so the last term is skipped).
 
     Args:
         x, dx: (B, N, D) the residual stream and its tangent.
         branch, dbranch: (B, N, D) the branch output and its tangent.
-        gate, dgate: (B, D) the per-sample gate and its tangent.
+        gate: (B, D) or (D,) the gate; dgate: its tangent, of gate's shape, or None for a constant.
     Returns:
         y, dy: (B, N, D) each, the halves of one buffer.
     """
     out = x.new_empty((2, *x.shape))
-    gate = gate[:, None, :]  # (B, 1, D)
+    gate = gate.unsqueeze(-2)  # (B, 1, D) or (1, D): one gate for every token
     torch.addcmul(x, branch, gate, out=out[0])
     torch.addcmul(dx, dbranch, gate, out=out[1])
-    out[1].addcmul_(branch, dgate[:, None, :])
+    if dgate is not None:
+        out[1].addcmul_(branch, dgate.unsqueeze(-2))
     return _halves(out)
+
+
+def rms_norm_with_tangent(x: Tensor, dx: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm over the last dimension and its tangent; also the per-head QK-norm of attention.
+
+    With ``s = (mean(x^2) + eps)^(-1/2)`` and ``x_hat = x s``: ``y = x_hat * weight`` and, since
+    ``ds = -s^3 mean(x dx)``,
+
+        dy = weight * s * (dx - x_hat * mean(x_hat * dx)).
+
+    The primal is the same sequence of ops as ``RMSNorm.forward`` of :mod:`~meanflow.models.imf_dit`
+    (``x * rsqrt(mean(x^2) + eps) * weight``), so it matches that forward bitwise for the same x.
+
+    Args:
+        x, dx: (..., D) the input and its tangent (views of any layout).
+        weight: (D,) the learned per-channel scale, or None for none.
+        eps: added to the mean square.
+    Returns:
+        y, dy: (..., D) each, the halves of one buffer.
+    """
+    rstd = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)  # (..., 1), shared by both halves
+    normalized = x * rstd  # (..., D) x_hat
+    projection = (normalized * dx).mean(dim=-1, keepdim=True)  # (..., 1) mean(x_hat dx)
+    out = x.new_empty((2, *x.shape))
+    torch.addcmul(dx, normalized, projection, value=-1, out=out[1]).mul_(rstd)
+    if weight is None:
+        out[0].copy_(normalized)
+    else:
+        torch.mul(normalized, weight, out=out[0])
+        out[1].mul_(weight)
+    return _halves(out)
+
+
+def swiglu_with_tangent(
+    x: Tensor, dx: Tensor, gate_weight: Tensor, value_weight: Tensor, out_weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The bias-free SwiGLU MLP ``y = W2 (silu(W1 x) * W3 x)`` and its tangent.
+
+    With ``a = W1 x``, ``b = W3 x``: ``d(silu(a) * b) = silu'(a) da * b + silu(a) db`` (product
+    rule), then ``dy = W2 d(...)``. Three GEMMs, each over the primal and tangent rows together.
+
+    Args:
+        x, dx: (..., D) the input and its tangent.
+        gate_weight: (F, D) W1, the branch through SiLU; value_weight: (F, D) W3;
+        out_weight: (D, F) W2.
+    Returns:
+        y, dy: (..., D) each, the halves of one buffer.
+    """
+    a, da = linear_with_tangent(x, dx, gate_weight)  # (..., F) each
+    b, db = linear_with_tangent(x, dx, value_weight)
+    s, ds = silu_with_tangent(a, da)
+    product = x.new_empty((2, *b.shape))
+    torch.mul(s, b, out=product[0])
+    torch.mul(ds, b, out=product[1]).addcmul_(s, db)
+    return linear_with_tangent(product[0], product[1], out_weight)  # (..., D) each
+
+
+def linear_map_with_tangent(x: Tensor, dx: Tensor, linear_map: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """A map that is linear in its input (a rotary embedding, a fixed permutation) and its tangent.
+
+    For linear ``f``, ``d f(x) = f(dx)``: one call of ``f`` on the primal and tangent as one
+    ``(2, ...)`` tensor computes both. ``f`` must act on each leading index alike (broadcast over
+    the leading dimensions), as an elementwise rotation does.
+
+    Args:
+        x, dx: (...) the input and its tangent.
+        linear_map: (2, ...) -> (2, ...'), linear in its input.
+    Returns:
+        y, dy: (...') each, the halves of one buffer.
+    """
+    return _halves(linear_map(pair(x, dx)))
 
 
 def attention_with_tangent(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..conventions import null_class_id
 from ..validation import check_fraction, check_number, check_positive
+from .targets import predict_without_grad
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +71,36 @@ def guided_velocity(v: Tensor, v_unc: Tensor, v_cond: Tensor | None, omega: floa
             raise ValueError("kappa > 0 needs the conditional prediction v_cond")
         mixed = mixed + kappa * v_cond
     return mixed
+
+
+def guided_target_velocity(model: nn.Module, guidance: Optional[TrainingGuidance], num_classes: Optional[int],
+                           z: Tensor, t: Tensor, v: Tensor, labels: Optional[Tensor]) -> Tensor:
+    """v_hat (Eq. 9-10) where guidance applies (label kept, t in [t_min, t_max]), else v.
+
+    z, v: (B, ...); t: (B,); labels: (B,) with the null id (``num_classes``) on dropped rows, or
+    None. The network's predictions at r = t (the unconditional one, and the conditional one when
+    kappa > 0) come from one no-grad fp32 forward of the guided rows. MeanFlow uses v_hat as its
+    target velocity and tangent; SplitMeanFlow as its boundary target. -> (B, ...)
+    """
+    if guidance is None or labels is None or not guidance.needs_model_predictions:
+        return v
+    null = null_class_id(num_classes)
+    guided = (labels != null) & (t >= guidance.t_min) & (t <= guidance.t_max)
+    rows = guided.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return v
+    z_g, t_g = z[rows], t[rows]
+    null_labels = torch.full_like(labels[rows], null)
+    if guidance.needs_conditional_prediction:
+        # One forward of 2n rows: unconditional then conditional, both at r = t.
+        both = predict_without_grad(model, torch.cat([z_g, z_g]), torch.cat([t_g, t_g]), torch.cat([t_g, t_g]),
+                                    torch.cat([null_labels, labels[rows]]))
+        v_unc, v_cond = both.chunk(2)
+    else:
+        v_unc, v_cond = predict_without_grad(model, z_g, t_g, t_g, null_labels), None
+    mixed = guided_velocity(v[rows], v_unc.to(v.dtype), None if v_cond is None else v_cond.to(v.dtype),
+                            guidance.omega, guidance.kappa)
+    return v.index_copy(0, rows, mixed)
 
 
 def drop_labels(labels: Tensor, probability: float, null_id: int, generator: torch.Generator | None = None) -> Tensor:

@@ -11,15 +11,23 @@ from typing import Any, Optional
 
 from torch import nn
 
+from .alpha_flow import AlphaFlow
 from .base import Objective
+from .consistency import ConsistencyTraining
 from .flow_matching import FlowMatching
 from .imf import ImprovedMeanFlow
 from .meanflow import MeanFlow
+from .shortcut import Shortcut
+from .split_meanflow import SplitMeanFlow
 
 OBJECTIVES: dict[str, type[Objective]] = {
     MeanFlow.name: MeanFlow,
     FlowMatching.name: FlowMatching,
     ImprovedMeanFlow.name: ImprovedMeanFlow,
+    ConsistencyTraining.name: ConsistencyTraining,
+    Shortcut.name: Shortcut,
+    SplitMeanFlow.name: SplitMeanFlow,
+    AlphaFlow.name: AlphaFlow,
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_fraction, check_number, check_positive, parse_enum
+from .schedules import Ramp
 
 
 class TimeDistribution(str, enum.Enum):
@@ -41,6 +42,14 @@ class TimeSampler:
     ``r = min(r, t)`` (the later CIFAR-10 recipe). Finally ``r := t`` for a share
     ``1 - fraction_r_neq_t`` of the samples, chosen by ``mask_mode``.
 
+    Curricula over training progress (FAMILY.md F6, "learn the instantaneous velocity first,
+    then shift the gaps from short to long", arXiv 2511.19065), both off by default:
+
+    - ``share_ramp``: the share of r != t at each progress (it replaces ``fraction_r_neq_t``);
+    - ``gap_ramp``: a factor ``g`` in (0, 1] on the gaps, ``r := t - g (t - r)``: the law of
+      (t - r) is the base law shrunk by ``g``, so gaps start short and grow to the base law
+      as ``g`` reaches 1.
+
     Defaults are the paper's ImageNet settings: LN(-0.4, 1.0), 25% of samples with r != t.
     """
 
@@ -51,6 +60,8 @@ class TimeSampler:
     mask_mode: MaskMode = MaskMode.RANDOM
     r_mu: Optional[float] = None
     r_sigma: Optional[float] = None
+    share_ramp: Optional[Ramp] = None
+    gap_ramp: Optional[Ramp] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "distribution", parse_enum(TimeDistribution, self.distribution, "distribution"))
@@ -65,6 +76,18 @@ class TimeSampler:
             check_positive("r_sigma", self.r_sigma)
         if self.r_mu is not None and self.distribution is not TimeDistribution.LOGIT_NORMAL:
             raise ValueError("a separate law for r (r_mu, r_sigma) requires distribution='logit_normal'")
+        if self.share_ramp is not None:
+            self.share_ramp.check_values("fraction_r_neq_t", 0.0, 1.0)
+        if self.gap_ramp is not None:
+            self.gap_ramp.check_values("gap scale", 0.0, 1.0, low_open=True)
+
+    def fraction_at(self, progress: float) -> float:
+        """The share of samples with r != t at training ``progress``."""
+        return self.fraction_r_neq_t if self.share_ramp is None else self.share_ramp(progress)
+
+    def gap_scale_at(self, progress: float) -> float:
+        """The factor on the gaps (t - r) at training ``progress`` (1: the base law)."""
+        return 1.0 if self.gap_ramp is None else self.gap_ramp(progress)
 
     def draw(self, batch_size: int, mu: float, sigma: float, device, dtype, generator) -> Tensor:
         """One time per sample from ``distribution`` with the given (mu, sigma). -> (B,)"""
@@ -79,8 +102,10 @@ class TimeSampler:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        progress: float = 0.0,
     ) -> tuple[Tensor, Tensor]:
-        """Returns ``(r, t)``, each (B,), with ``r <= t`` and ``r == t`` where the mask says so."""
+        """Returns ``(r, t)``, each (B,), with ``r <= t`` and ``r == t`` where the mask says so;
+        ``progress`` in [0, 1] drives the share and gap curricula (class docstring)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         first = self.draw(batch_size, self.mu, self.sigma, device, dtype, generator)
@@ -90,14 +115,20 @@ class TimeSampler:
         else:
             t = first
             r = self.draw(batch_size, self.r_mu, self.r_sigma, device, dtype, generator)
-        equal = self.equal_mask(batch_size, device, generator)
+        equal = self.equal_mask(batch_size, device, generator, self.fraction_at(progress))
         r = torch.where(equal, t, r)
+        scale = self.gap_scale_at(progress)
+        if scale != 1.0:  # skipped at 1 so that no curriculum leaves r bit for bit as drawn
+            r = t - scale * (t - r)
         return torch.minimum(r, t), t
 
-    def equal_mask(self, batch_size: int, device, generator: torch.Generator | None) -> Tensor:
-        """(B,) bool, True where the sample gets r = t."""
+    def equal_mask(self, batch_size: int, device, generator: torch.Generator | None,
+                   fraction_r_neq_t: Optional[float] = None) -> Tensor:
+        """(B,) bool, True where the sample gets r = t; the share of r != t is
+        ``fraction_r_neq_t`` (default: the record's)."""
+        fraction = self.fraction_r_neq_t if fraction_r_neq_t is None else fraction_r_neq_t
         if self.mask_mode is MaskMode.PREFIX:
-            num_equal = round((1.0 - self.fraction_r_neq_t) * batch_size)
+            num_equal = round((1.0 - fraction) * batch_size)
             return torch.arange(batch_size, device=device) < num_equal
         uniform = torch.rand(batch_size, device=device, generator=generator)
-        return uniform >= self.fraction_r_neq_t
+        return uniform >= fraction
