@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-from gaussian import GaussianAverageVelocity
+from fields import gaussian_field, random_mlp, times
 
 from meanflow.conventions import interpolate
 from meanflow.jvp import Derivative
-from meanflow.models.mlp import MLP, MLPConfig
 from meanflow.objectives import (
     AdaptiveWeighting,
     FlowMatching,
@@ -22,27 +21,10 @@ from meanflow.objectives import (
 EXACT = [Derivative.JVP, Derivative.TWO_PASS]
 
 
-def gaussian_field(dim=3):
-    g = torch.Generator().manual_seed(0)
-    mu = torch.randn(dim, generator=g, dtype=torch.float64)
-    scale = 0.5 + torch.rand(dim, generator=g, dtype=torch.float64)
-    return GaussianAverageVelocity(mu, scale)
 
 
-def random_mlp(num_classes=None, seed=0):
-    torch.manual_seed(seed)
-    model = MLP(MLPConfig(data_dim=3, hidden_size=32, depth=3, num_classes=num_classes)).double()
-    torch.nn.init.normal_(model.output[1].weight, std=0.3)  # leave the zero init: u must vary
-    return model
 
 
-def times(batch, seed=1, equal_every=None):
-    g = torch.Generator().manual_seed(seed)
-    a, b = torch.rand(batch, generator=g, dtype=torch.float64), torch.rand(batch, generator=g, dtype=torch.float64)
-    t, r = torch.maximum(a, b), torch.minimum(a, b)
-    if equal_every:
-        r[::equal_every] = t[::equal_every]
-    return r, t
 
 
 @pytest.mark.parametrize("derivative", EXACT)

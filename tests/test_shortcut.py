@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from tiny_runs import tiny
-from gaussian import GaussianAverageVelocity
+from fields import gaussian_field, random_mlp
 from torch import nn
 
 from meanflow.models.mlp import MLP, MLPConfig
@@ -21,18 +21,8 @@ NULL = CLASSES
 EXACT = ShortcutSettings(smallest_step_is_velocity=False, clip=None)
 
 
-def gaussian_field(dim=3):
-    generator = torch.Generator().manual_seed(0)
-    mu = torch.randn(dim, generator=generator, dtype=torch.float64)
-    scale = 0.5 + torch.rand(dim, generator=generator, dtype=torch.float64)
-    return GaussianAverageVelocity(mu, scale)
 
 
-def random_mlp(num_classes=None, seed=0) -> MLP:
-    torch.manual_seed(seed)
-    model = MLP(MLPConfig(data_dim=3, hidden_size=32, depth=3, num_classes=num_classes)).double()
-    nn.init.normal_(model.output[1].weight, std=0.3)  # leave the zero init: u must vary
-    return model
 
 
 def posterior_inputs(field, r, t, seed=2):

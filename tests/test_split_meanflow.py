@@ -9,10 +9,8 @@ import math
 import pytest
 import torch
 from tiny_runs import tiny
-from gaussian import GaussianAverageVelocity
-from torch import nn
+from fields import gaussian_field, random_mlp, times
 
-from meanflow.models.mlp import MLP, MLPConfig
 from meanflow.objectives import OBJECTIVES, MeanFlow, SplitMeanFlow, SplitMeanFlowSettings, guided_velocity
 from meanflow.objectives.split_meanflow import SplitLaw
 from meanflow.presets import preset
@@ -22,27 +20,10 @@ CLASSES = 3
 NULL = CLASSES
 
 
-def gaussian_field(dim=3):
-    generator = torch.Generator().manual_seed(0)
-    mu = torch.randn(dim, generator=generator, dtype=torch.float64)
-    scale = 0.5 + torch.rand(dim, generator=generator, dtype=torch.float64)
-    return GaussianAverageVelocity(mu, scale)
 
 
-def random_mlp(num_classes=None, seed=0) -> MLP:
-    torch.manual_seed(seed)
-    model = MLP(MLPConfig(data_dim=3, hidden_size=32, depth=3, num_classes=num_classes)).double()
-    nn.init.normal_(model.output[1].weight, std=0.3)  # leave the zero init: u must vary
-    return model
 
 
-def times(batch, seed=1, equal_every=None):
-    generator = torch.Generator().manual_seed(seed)
-    a, b = torch.rand(2, batch, generator=generator, dtype=torch.float64)
-    t, r = torch.maximum(a, b), torch.minimum(a, b)
-    if equal_every:
-        r[::equal_every] = t[::equal_every]
-    return r, t
 
 
 def test_the_target_of_the_exact_field_is_exact_for_any_split():
