@@ -3,10 +3,14 @@
     python benchmarks/toy_quality.py                       # checkerboard and eight Gaussians
     python benchmarks/toy_quality.py --toys spirals --steps 6000
     python benchmarks/toy_quality.py --methods meanflow imf flow_matching
+    python benchmarks/toy_quality.py --methods meanflow imf alpha_flow shortcut split_meanflow consistency \
+        flow_matching --toys checkerboard eight_gaussians rings --seeds 0 1 2      # the family (FAMILY.md F7)
 
-Every method trains the same MLP with the same steps, batch, optimizer, EMA and plain squared
-error (the preset ``toy-<name>``, p = 0; iMF: ``toy-<name>-imf``); MeanFlow and iMF sample in one
-or two steps, flow matching integrates its velocity with Euler steps.
+Every method trains the same MLP with the same steps, batch, optimizer and EMA (the preset
+``toy-<name>``, MeanFlow with p = 0; the others ``toy-<name>-<method>``, whose MLP adds what the
+objective needs, e.g. iMF's guidance inputs and v head); the one-step methods are scored at 1, 2
+and 4 steps with their own samplers, flow matching integrates its velocity with Euler steps. The
+train time of each run stands beside its scores (equal steps, not equal wall-clock).
 Scores are the energy distance and the sliced 2-Wasserstein distance between generated samples
 and fresh exact samples of the distribution, and improved precision / recall (k = 3): the share
 of generated points inside the data's k-NN manifold (sharpness) and of data points inside the
@@ -44,8 +48,12 @@ def scores(samples, reference, seed):
 # trains the same MLP width and depth on the same budget; iMF's MLP adds the guidance inputs and
 # the v head its objective needs.
 METHODS = {
-    "meanflow": ("", [], (1, 2), "MeanFlow"),
-    "imf": ("-imf", [], (1, 2), "iMF"),
+    "meanflow": ("", [], (1, 2, 4), "MeanFlow"),
+    "imf": ("-imf", [], (1, 2, 4), "iMF"),
+    "alpha_flow": ("-alpha-flow", [], (1, 2, 4), "alpha-Flow"),
+    "shortcut": ("-shortcut", [], (1, 2, 4), "Shortcut"),
+    "split_meanflow": ("-split-meanflow", [], (1, 2, 4), "SplitMeanFlow"),
+    "consistency": ("-consistency", [], (1, 2, 4), "consistency (iCT)"),
     "flow_matching": ("", ["objective.method=flow_matching"], (1, 2, 4, 8, 50), "flow matching (Euler)"),
 }
 

@@ -100,3 +100,9 @@ def as_time(value: float | Tensor, batch_size: int, like: Tensor) -> Tensor:
 def at_least_fp32(tensor: Tensor) -> Tensor:
     """Promote half-precision tensors to fp32; fp32 and fp64 pass through unchanged."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def autocast_off(like: Tensor):
+    """A context with autocast off on ``like``'s device: targets, derivatives and the guidance
+    forwards inside it stay in their inputs' precision (fp32 or wider, spec section 8)."""
+    return torch.autocast(device_type=like.device.type, enabled=False)

@@ -100,7 +100,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditions import average_velocity
-from ..conventions import at_least_fp32, broadcast_like, interpolate, null_class_id
+from ..conventions import at_least_fp32, autocast_off, broadcast_like, interpolate, null_class_id
 from ..jvp import Derivative, finite_difference_along_flow, jvp_along_flow, tangent_along_flow
 from ..samplers import ConsistencySampler, Renoise, Sampler
 from ..validation import check_bool, check_integer, check_number, check_positive, parse_enum
@@ -445,7 +445,7 @@ class ConsistencyTraining(NoiseTimeObjective):
         if self.derivative is Derivative.JVP:
             if is_data_parallel(model):
                 raise ValueError("derivative='jvp' cannot run through DistributedDataParallel; use 'two_pass'")
-            with _fp32(z):
+            with autocast_off(z):
                 u, dudt = jvp_along_flow(unwrap(model), *_fp32_rows(z, r, t), labels, at_least_fp32(v))
         else:
             dudt = self.velocity_tangent(model, z, t, labels, v)
@@ -464,7 +464,7 @@ class ConsistencyTraining(NoiseTimeObjective):
         r = 0 enters as a tensor of zeros with a zero tangent, so meanflow.jvp applies as it is.
         """
         rows = (*_fp32_rows(z, torch.zeros_like(t), t), labels, at_least_fp32(velocity))
-        with torch.no_grad(), _fp32(z):
+        with torch.no_grad(), autocast_off(z):
             if self.derivative is Derivative.FINITE_DIFFERENCE:
                 return finite_difference_along_flow(unwrap(model), *rows, step=self.settings.finite_difference_step)
             return tangent_along_flow(unwrap(model), *rows)
@@ -601,7 +601,3 @@ def _restore_rng_state(device: torch.device, state: tuple) -> None:
 def _fp32_rows(z: Tensor, r: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return at_least_fp32(z), at_least_fp32(r), at_least_fp32(t)
 
-
-def _fp32(like: Tensor):
-    """Autocast off: the derivative and the target stay in fp32."""
-    return torch.autocast(device_type=like.device.type, enabled=False)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditions import GUIDANCE_INTERVAL, GUIDANCE_SCALE, Conditions, as_output
-from ..conventions import at_least_fp32, broadcast_like, interpolate, null_class_id
+from ..conventions import at_least_fp32, autocast_off, broadcast_like, interpolate, null_class_id
 from ..jvp import Derivative, finite_difference_along_flow, tangent_along_flow
 from ..samplers import ImfSampler, Sampler
 from ..validation import check_number, check_positive, parse_enum
@@ -314,7 +314,7 @@ class ImprovedMeanFlow(NoiseTimeObjective):
         z_b, t_b = at_least_fp32(z[rows]), at_least_fp32(t[rows])
         scale = torch.cat([omega_in[conditional_rows], torch.ones_like(omega_in[guided_rows])])
         full = torch.tensor([0.0, 1.0], device=z.device, dtype=t_b.dtype).expand(rows.numel(), 2)
-        with torch.no_grad(), _fp32(z):
+        with torch.no_grad(), autocast_off(z):
             out = as_output(unwrap(model)(z_b, t_b, t_b, Conditions(labels=branch_labels,
                                                                     guidance_scale=at_least_fp32(scale),
                                                                     guidance_interval=full)))
@@ -340,7 +340,7 @@ class ImprovedMeanFlow(NoiseTimeObjective):
         if moving.numel() == 0:
             return z.new_zeros((0, *z.shape[1:]))
         rows = (*[at_least_fp32(tensor[moving]) for tensor in (z, r, t)], _fp32_conditions(inputs.rows(moving)), v_c)
-        with torch.no_grad(), _fp32(z):
+        with torch.no_grad(), autocast_off(z):
             if self.derivative is Derivative.TWO_PASS:
                 return tangent_along_flow(unwrap(model), *rows)
             return finite_difference_along_flow(unwrap(model), *rows, step=self.settings.finite_difference_step)
@@ -358,7 +358,7 @@ class ImprovedMeanFlow(NoiseTimeObjective):
             return out.u, out.v
 
         z_m, r_m, t_m = (at_least_fp32(tensor[moving]) for tensor in (z, r, t))
-        with _fp32(z):
+        with autocast_off(z):
             u_m, dudt, v_m = torch.func.jvp(heads, (z_m, r_m, t_m), (v_c, torch.zeros_like(r_m), torch.ones_like(t_m)),
                                             has_aux=True)
         rest = as_output(model(z[resting], r[resting], t[resting], inputs.rows(resting)))
@@ -373,7 +373,3 @@ def _fp32_conditions(conditions: Conditions) -> Conditions:
     return Conditions(labels=conditions.labels, guidance_scale=at_least_fp32(conditions.guidance_scale),
                       guidance_interval=at_least_fp32(conditions.guidance_interval))
 
-
-def _fp32(like: Tensor):
-    """Autocast off: the guidance forward, the derivative and the target stay in fp32."""
-    return torch.autocast(device_type=like.device.type, enabled=False)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditions import average_velocity
-from ..conventions import at_least_fp32, broadcast_like, interpolate, null_class_id
+from ..conventions import at_least_fp32, autocast_off, broadcast_like, interpolate, null_class_id
 from ..jvp import Derivative, finite_difference_along_flow, jvp_along_flow, tangent_along_flow
 from ..samplers import AverageVelocitySampler, Sampler
 from ..validation import check_fraction, check_number, check_positive, parse_enum
@@ -309,7 +309,7 @@ class MeanFlow(NoiseTimeObjective):
                 "synchronisation); use derivative='two_pass'"
             )
         resting = (r == t).nonzero().squeeze(1)
-        with _fp32(z):  # the bare module: forward-mode AD through torch.compile is not assumed to work
+        with autocast_off(z):  # the bare module: forward-mode AD through torch.compile is not assumed to work
             u_moving, dudt = jvp_along_flow(unwrap(model), *_rows_for_jvp(z, r, t, labels, v_hat, moving))
         if resting.numel() == 0:
             return u_moving, dudt
@@ -326,7 +326,7 @@ class MeanFlow(NoiseTimeObjective):
             return z.new_zeros((0, *z.shape[1:]))
         bare = unwrap(model)
         rows = _rows_for_jvp(z, r, t, labels, v_hat, moving)
-        with torch.no_grad(), _fp32(z):
+        with torch.no_grad(), autocast_off(z):
             if self.derivative is Derivative.TWO_PASS:
                 return tangent_along_flow(bare, *rows)
             return finite_difference_along_flow(bare, *rows, step=self.finite_difference_step)
@@ -348,7 +348,3 @@ def _rows_for_jvp(z, r, t, labels, v_hat, rows):
     picked = [at_least_fp32(tensor[rows]) for tensor in (z, r, t)]
     return (*picked, None if labels is None else labels[rows], at_least_fp32(v_hat[rows]))
 
-
-def _fp32(like: Tensor):
-    """Autocast off: the JVP and the target stay in fp32 (spec section 8)."""
-    return torch.autocast(device_type=like.device.type, enabled=False)

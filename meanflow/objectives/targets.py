@@ -19,16 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from ..conditions import ConditionsLike, average_velocity
-from ..conventions import at_least_fp32, broadcast_like
+from ..conventions import at_least_fp32, autocast_off, broadcast_like
 from ..wrappers import unwrap
 
 # u(z, r, t) without gradient for a fixed set of rows: (M, ...), (M,), (M,) -> (M, ...).
 VelocityOfRows = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-
-def full_precision(like: Tensor):
-    """Autocast off on ``like``'s device: what runs inside stays in the inputs' precision."""
-    return torch.autocast(device_type=like.device.type, enabled=False)
 
 
 def predict_without_grad(model: nn.Module, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike) -> Tensor:
@@ -36,7 +32,7 @@ def predict_without_grad(model: nn.Module, z: Tensor, r: Tensor, t: Tensor, cond
 
     z: (M, ...); r, t: (M,); conditions: labels (M,), a Conditions record or None. -> (M, ...)
     """
-    with torch.no_grad(), full_precision(z):
+    with torch.no_grad(), autocast_off(z):
         z, r, t = at_least_fp32(z), at_least_fp32(r), at_least_fp32(t)
         return at_least_fp32(average_velocity(unwrap(model)(z, r, t, conditions)))
 
