@@ -32,6 +32,10 @@ METHODS = {
     "meanflow_unguided": ("mnist", ["objective.meanflow.kappa=0.0"]),
     "flow_matching": ("mnist", ["objective.method=flow_matching"]),
     "imf": ("imf-mnist", []),
+    "alpha_flow": ("alpha-flow-mnist", []),
+    "shortcut": ("shortcut-mnist", []),
+    "split_meanflow": ("split-meanflow-mnist", []),
+    "consistency": ("consistency-mnist", []),
 }
 
 

@@ -12,6 +12,8 @@ noise seeds:
 - ``imf`` at 1, 2 and 4 steps at its run's default guidance, and its learnt-guidance sweep: one
   checkpoint at omega = 1..8 x two intervals, 1 NFE each (``meanflow eval --sweep --omega ...
   --interval ...``);
+- the family's other one-step methods (``alpha_flow``, ``shortcut``, ``split_meanflow``,
+  ``consistency``) at 1, 2 and 4 steps of their own samplers;
 - ``flow_matching`` at 1, 2, 4, 8, 16 and 50 Euler steps, without guidance and with
   inference-time CFG at the scale MeanFlow was trained for (omega' = 2, which doubles the NFE).
 
@@ -44,6 +46,7 @@ def plans(args: argparse.Namespace) -> dict[str, tuple[str, list[int], list[str]
         "imf": ("imf", [1, 2, 4], []),
         "imf_sweep": ("imf", [1], ["--sweep", "--weights", args.sweep_weights, "--omega", *SWEEP_OMEGAS,
                                    "--interval", *SWEEP_INTERVALS]),
+        **{name: (name, [1, 2, 4], []) for name in ("alpha_flow", "shortcut", "split_meanflow", "consistency")},
         "flow_matching": ("flow_matching", FM_STEPS, ["--ode", "euler"]),
         "flow_matching_cfg": ("flow_matching", FM_STEPS, ["--ode", "euler", "--guidance-scale",
                                                           str(args.guidance_scale)]),
@@ -76,6 +79,8 @@ def sampler_label(report: dict) -> str:
     if sampler["name"] == "velocity_ode":
         guidance = report["guidance_scale"]
         return f"{sampler['method']} ODE" + (f", CFG {guidance:g}" if guidance != 1.0 else "")
+    if sampler["name"] == "consistency":
+        return "f(z, t), re-noised"
     return "u(z, r, t)"
 
 
