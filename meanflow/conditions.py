@@ -124,14 +124,33 @@ def average_velocity(value: Union[Tensor, ModelOutput]) -> Tensor:
 
 @dataclass(frozen=True)
 class Tangent:
-    """A direction in the network's inputs: ``(dz, dr, dt)``, (B, ...), (B,), (B,).
+    """A direction in the network's inputs for the leading rows of a batch: ``(dz, dr, dt)``,
+    (M, ...), (M,), (M,) with M <= B, the batch size of the call.
 
-    ``(v, 0, 1)`` gives the total derivative d/dt u along the flow (Eq. 5).
+    ``(v, 0, 1)`` gives the total derivative d/dt u along the flow (Eq. 5). A network with an
+    explicit tangent returns ``du`` for the first M rows (M = B: the whole batch), computed in the
+    same pass as ``u`` and without gradient.
     """
 
     dz: Tensor
     dr: Tensor
     dt: Tensor
+
+
+def check_tangent_rows(z: Tensor, dz: Optional[Tensor], dr: Optional[Tensor], dt: Optional[Tensor]) -> None:
+    """Refuse a tangent that is not (M, *z.shape[1:]), (M,), (M,) with M <= B, or only partly given."""
+    given = [part is not None for part in (dz, dr, dt)]
+    if not any(given):
+        return
+    if not all(given):
+        raise ValueError("a tangent needs all of dz, dr and dt (or none of them)")
+    rows = dz.shape[0]
+    if tuple(dz.shape[1:]) != tuple(z.shape[1:]) or rows > z.shape[0]:
+        raise ValueError(f"dz must have shape (M, {', '.join(map(str, z.shape[1:]))}) with M <= {z.shape[0]} "
+                         f"(the tangent of the leading rows), got {tuple(dz.shape)}")
+    if tuple(dr.shape) != (rows,) or tuple(dt.shape) != (rows,):
+        raise ValueError(f"dr and dt must have shape ({rows},) like dz's rows, got {tuple(dr.shape)} and "
+                         f"{tuple(dt.shape)}")
 
 
 def supports_explicit_tangent(model) -> bool:

@@ -10,20 +10,20 @@ Three methods, chosen by :class:`Derivative`:
 - ``JVP``: ``torch.func.jvp`` in one pass. Its primal output is the prediction the gradient flows
   through, so the prediction and the derivative share one forward (and one dropout mask). It
   cannot run through a ``DistributedDataParallel`` wrapper.
-- ``TWO_PASS``: the JVP on the bare module without gradient, then an ordinary gradient forward
-  through whatever wrapper the caller holds. Safe under data parallelism: the gradient forward
-  goes through DDP, so gradients are synchronised. A model that declares an explicit tangent
-  (``explicit_tangent``: called with ``tangent=Tangent(dz, dr, dt)`` it returns
-  ``ModelOutput(u, du=...)``; the DiT, the imfDiT and the MLP do, primal and tangent through one
-  GEMM per linear) is differentiated by that call, 1.7-2.7x faster than ``torch.func.jvp``
-  (benchmarks/jvp_speed.py); other models (the U-Net) fall back
-  to ``torch.func.jvp``. The call goes through the module's ``__call__``, the same entry that
-  DDP / FSDP2 / torch.compile wrap.
-  Dropout: the derivative pass runs first, in the module's own mode, so in training it draws
-  dropout masks of its own and the gradient forward then draws fresh ones: the target is the
-  tangent of an independently dropped network (unbiased over masks, noisier than one shared
-  mask). A shared mask would need the two passes to see the same rows, which the subset JVP
-  avoids. ``JVP`` shares one mask; without dropout the two are the same
+- ``TWO_PASS``: the derivative without gradient, and the gradient forward through whatever
+  wrapper the caller holds (so DDP synchronises gradients). A model that declares an explicit
+  tangent (``explicit_tangent``: called with ``tangent=Tangent(dz, dr, dt)`` for its leading M
+  rows it returns ``ModelOutput(u, du=...)``; the DiT, the imfDiT and the MLP do) does both in ONE
+  call (:func:`one_pass_tangent`; the objective puts the r != t rows first): every layer computes
+  its ordinary output over the batch, recorded by autograd, and from its intermediate values the
+  no-grad tangent of those rows, so the derivative costs a tangent, not a second primal. Under
+  FSDP2 (the MLP and imfDiT read block weights directly) and under autocast (the tangent must
+  not differentiate at a bf16 primal, spec section 8) the tangent runs apart: on the bare module
+  in fp32, the explicit tangent where declared, else ``torch.func.jvp`` (the U-Net).
+  Dropout: apart, the derivative pass runs first and draws its own dropout masks, and the
+  gradient forward fresh ones: the target is the tangent of an independently dropped network
+  (unbiased over masks, noisier than one shared mask); ``JVP`` and the one pass share one
+  mask; without dropout they are the same
   (tests/test_objective.py::test_two_pass_draws_its_own_dropout_masks_and_jvp_shares_one).
 - ``FINITE_DIFFERENCE``: a central difference, the paper's ablation; approximate.
 """
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .conditions import ConditionsLike, Tangent, average_velocity, supports_explicit_tangent
 from .conventions import broadcast_like
+from .wrappers import unwrap
 
 
 class Derivative(str, enum.Enum):
@@ -76,6 +77,13 @@ def tangent_along_flow(
             tangent = Tangent(velocity, torch.zeros_like(r), torch.ones_like(t))
             return model(z, r, t, conditions, tangent=tangent).du
         return jvp_along_flow(model, z, r, t, conditions, velocity)[1]
+
+
+def one_pass_tangent(model: nn.Module) -> bool:
+    """True if ``model`` (or the network under its DDP / compile wrapper) declares an explicit
+    tangent and is not FSDP2-sharded: then one call gives u over the batch with gradient and the
+    tangent of its leading rows without (:class:`~meanflow.conditions.Tangent`)."""
+    return supports_explicit_tangent(model) and not _is_sharded(unwrap(model))
 
 
 def _is_sharded(model: nn.Module) -> bool:

@@ -163,13 +163,13 @@ def test_gap_t_minus_r_is_embedded_and_changes_the_output(monkeypatch):
     model = perturb(DiT(TINY))
     z, r, t, y = inputs(TINY)
     seen = []
-    gap_forward = model.conditioning.gap_embedder.forward
+    gap_forward = model.conditioning.gap_embedder.forward_with_tangent
 
-    def recording(values):
+    def recording(values, dvalues):
         seen.append(values)
-        return gap_forward(values)
+        return gap_forward(values, dvalues)
 
-    monkeypatch.setattr(model.conditioning.gap_embedder, "forward", recording)
+    monkeypatch.setattr(model.conditioning.gap_embedder, "forward_with_tangent", recording)
     out = model(z, r, t, y)
     torch.testing.assert_close(seen[0], t - r, rtol=0, atol=0)
     # Same t, gap t - r of 0 versus t: the time MLPs start small (std 0.02), so the effect is

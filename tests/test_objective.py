@@ -278,8 +278,8 @@ def test_single_pass_jvp_refuses_data_parallel_wrappers():
             torch.nn.Module.__init__(self)
             self.module = module
 
-        def forward(self, *args):
-            return self.module(*args)
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
 
     model = FakeDDP(random_mlp())
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -312,9 +312,9 @@ def test_two_pass_uses_the_dit_explicit_tangent_and_agrees_with_torch_func():
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    calls = []
+    tangent_rows = []  # per call of the network: the rows its tangent covers (None: a plain forward)
     original = model.forward_with_tangent
-    model.forward_with_tangent = lambda *a: calls.append(1) or original(*a)
+    model.forward_with_tangent = lambda *a: tangent_rows.append(None if a[4] is None else len(a[4])) or original(*a)
     g = torch.Generator().manual_seed(11)
     x, e = torch.randn(2, 6, 2, 4, 4, generator=g, dtype=torch.float64)
     r, t = times(6, equal_every=2)
@@ -323,8 +323,9 @@ def test_two_pass_uses_the_dit_explicit_tangent_and_agrees_with_torch_func():
     two_pass = MeanFlow(num_classes=3, guidance=guidance, derivative="two_pass")
     single = MeanFlow(num_classes=3, guidance=guidance, derivative="jvp")
     _, fast = two_pass.prediction_and_target(model, x, e, r, t, labels)
+    # One pass: the guidance forward, then ONE call whose tangent covers the 3 rows with r != t.
+    assert tangent_rows == [None, 3]
     _, reference = single.prediction_and_target(model, x, e, r, t, labels)
-    assert calls == [1]
     torch.testing.assert_close(fast, reference, atol=1e-12, rtol=1e-10)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from meanflow.models import tangent
 from meanflow.models.attention import math_attention
-from meanflow.models.dit import DiT, DiTConfig, modulate
+from meanflow.models.dit import DiT, DiTConfig
 from meanflow.models.embeddings import ScalarEmbedder, TimeConditioning, sinusoidal_embedding
 from meanflow.models.imf_dit import RMSNorm, SwiGLU, apply_rope, rope_angles
 
@@ -64,28 +64,11 @@ class TorchFuncOnly(nn.Module):
 # --- the pieces -----------------------------------------------------------------------------------
 
 
-def test_pair_is_a_view_of_halves_and_a_stack_otherwise():
-    buffer = randn(2, 3, 4, seed=0)
-    joined = tangent.pair(buffer[0], buffer[1])
-    assert joined.data_ptr() == buffer.data_ptr() and torch.equal(joined, buffer)
-    x, dx = randn(3, 4, seed=1), randn(3, 4, seed=2)
-    stacked = tangent.pair(x, dx)
-    assert torch.equal(stacked[0], x) and torch.equal(stacked[1], dx)
-    # Halves in the wrong order, or strided halves of a wider buffer (attention's output) still read right.
-    assert torch.equal(tangent.pair(buffer[1], buffer[0]), buffer.flip(0))
-    wide = randn(5, 2, 3, seed=3)
-    assert torch.equal(tangent.pair(wide[:, 0], wide[:, 1]), wide.movedim(1, 0))
-
-
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("as_halves", [True, False], ids=["halves", "separate"])
-def test_linear(with_bias, as_halves):
+def test_linear(with_bias):
     weight, bias = randn(6, 5, seed=0), randn(6, seed=1) if with_bias else None
     x, dx = randn(2, 3, 5, seed=2), randn(2, 3, 5, seed=3)
-    if as_halves:
-        x, dx = torch.stack([x, dx]).unbind(0)
-    with torch.no_grad():
-        actual = tangent.linear_with_tangent(x, dx, weight, bias)
+    actual = tangent.linear_with_tangent(x, dx, weight, bias)
     assert_pair_close(actual, jvp(lambda a: F.linear(a, weight, bias), [x], [dx]))
 
 
@@ -118,6 +101,10 @@ def test_silu():
     with torch.no_grad():
         actual = tangent.silu_with_tangent(x, dx)
     assert_pair_close(actual, jvp(F.silu, [x], [dx]))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
 def test_modulate():
@@ -334,10 +321,10 @@ def test_blocks_forward_with_tangent_equal_func_jvp():
     c, dc = randn(2, 32, seed=2), randn(2, 32, seed=3)
     with torch.no_grad():
         silu_c, dsilu_c = tangent.silu_with_tangent(c, dc)
-        actual_block = block.forward_with_tangent(x, dx, silu_c, dsilu_c)
+        actual_block = block(x, silu_c, dx, dsilu_c)
         actual_final = final.forward_with_tangent(x, dx, silu_c, dsilu_c)
         actual_attention = block.attn.forward_with_tangent(x, dx)
-    assert_pair_close(actual_block, jvp(block, [x, c], [dx, dc]))
+    assert_pair_close(actual_block, jvp(lambda x_, c_: block(x_, F.silu(c_))[0], [x, c], [dx, dc]))
     assert_pair_close(actual_final, jvp(final, [x, c], [dx, dc]))
     assert_pair_close(actual_attention, jvp(block.attn, [x], [dx]))
 
@@ -350,16 +337,41 @@ def test_zero_tangent_gives_exactly_zero_and_labels_are_constant():
     assert torch.equal(du, torch.zeros_like(z))
 
 
-def test_outputs_carry_no_gradient_and_work_under_inference_mode():
+def test_one_pass_u_carries_the_plain_gradient_du_none_and_inference_mode_works():
     config = CONFIGS["uncond-p1"]
     model = perturbed_dit(config)
     z, r, t, _, v = dit_inputs(config)
     zeros, ones = torch.zeros_like(r), torch.ones_like(t)
     u, du = model.forward_with_tangent(z, r, t, None, v, zeros, ones)  # grad mode on, parameters need grad
-    assert not u.requires_grad and not du.requires_grad
+    assert u.requires_grad and not du.requires_grad
+    # The gradient of any loss on u is the plain forward's: the tangent adds nothing to the graph.
+    weights = randn(*u.shape, seed=9)
+    one_pass = torch.autograd.grad((u * weights).sum(), list(model.parameters()))
+    plain = torch.autograd.grad((model(z, r, t) * weights).sum(), list(model.parameters()))
+    for a, b in zip(one_pass, plain):
+        assert torch.equal(a, b)
     with torch.inference_mode():
         u_inference, du_inference = model.forward_with_tangent(z, r, t, None, v, zeros, ones)
-    assert torch.equal(u, u_inference) and torch.equal(du, du_inference)
+    assert torch.equal(u.detach(), u_inference) and torch.equal(du, du_inference)
+
+
+@pytest.mark.parametrize("name", ["cond-p2", "uncond-p1"])
+def test_tangent_of_the_leading_rows_is_those_rows_of_the_full_tangent(name):
+    config = CONFIGS[name]
+    model = perturbed_dit(config, seed=2)
+    z, r, t, y, v = dit_inputs(config, batch=5, seed=3)
+    zeros, ones = torch.zeros_like(r), torch.ones_like(t)
+    u_full, du_full = model.forward_with_tangent(z, r, t, y, v, zeros, ones)
+    for rows in (0, 1, 3):
+        u, du = model.forward_with_tangent(z, r, t, y, v[:rows], zeros[:rows], ones[:rows])
+        assert u.shape == z.shape and du.shape == (rows, *z.shape[1:])
+        assert torch.equal(u, u_full)  # the primal covers the whole batch whatever the tangent's rows
+        torch.testing.assert_close(du, du_full[:rows], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="M <= 5"):
+        model.forward_with_tangent(z, r, t, y, torch.cat([v, v[:1]]), torch.zeros(6, dtype=F64),
+                                   torch.ones(6, dtype=F64))
+    with pytest.raises(ValueError, match="dr and dt"):
+        model.forward_with_tangent(z, r, t, y, v[:2], zeros, ones)
 
 
 def test_float32_agrees_with_func_jvp():
@@ -384,6 +396,8 @@ def test_empty_batch_and_input_checks():
     z, r, t, _, v = dit_inputs(config)
     with pytest.raises(ValueError, match="dz"):
         model.forward_with_tangent(z, r, t, None, v[:, :2], r, t)
+    with pytest.raises(ValueError, match="all of dz, dr and dt"):
+        model.forward_with_tangent(z, r, t, None, v, None, t)
     with pytest.raises(ValueError, match=r"\(B, 4, 8, 8\)"):
         model.forward_with_tangent(z[:, :2], r, t, None, v[:, :2], r, t)
     with pytest.raises(ValueError, match="unconditional"):

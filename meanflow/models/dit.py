@@ -6,9 +6,11 @@ vector embeds ``(t, t - r)`` and the class label (spec section 4) through
 :class:`~meanflow.models.embeddings.TimeConditioning`; self-attention goes through
 :func:`~meanflow.models.attention.attention`, so the same model runs on the fused kernel in an
 ordinary forward and under ``torch.func.jvp`` for the MeanFlow target (Eq. 5).
-:meth:`DiT.forward_with_tangent` computes that JVP explicitly, primal and tangent together, from
-the pieces of :mod:`~meanflow.models.tangent`: about half the cost of ``torch.func.jvp`` (see
-``benchmarks/jvp_speed.py``).
+Every forward goes through :meth:`DiT.forward_with_tangent`, built from the pieces of
+:mod:`~meanflow.models.tangent`: without a tangent it is the plain forward; with the tangent of the
+leading rows it also returns that JVP, computed from the primal's own intermediate values, so
+the MeanFlow gradient forward carries the target's derivative at the cost of the tangent alone
+(one pass; see ``benchmarks/train_step.py`` and ``benchmarks/jvp_speed.py``).
 
 adaLN-Zero: every modulation linear and the output linear start at zero, so each residual branch
 is gated shut and a fresh model outputs exactly zero; training opens the gates gradually.
@@ -25,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..conditions import ConditionsLike, ModelOutput, Tangent
-from .attention import attention
+from ..conditions import ConditionsLike, ModelOutput, Tangent, check_tangent_rows
 from .base import AverageVelocityNetwork, ConfigRecord
 from .embeddings import TimeConditioning
 from .tangent import (
@@ -38,7 +40,6 @@ from .tangent import (
     layer_norm_with_tangent,
     linear_with_tangent,
     modulate_with_tangent,
-    pair,
     silu_with_tangent,
 )
 
@@ -141,11 +142,6 @@ def sincos_position_embedding_2d(hidden_size: int, grid_size: int) -> Tensor:
     return torch.cat([encode(rows), encode(cols)], dim=1).to(torch.float32)  # (G*G, D)
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """Adaptive LayerNorm modulation ``x * (1 + scale) + shift``. x: (B, N, D); shift, scale: (B, D)."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention over tokens. (B, N, D) -> (B, N, D)."""
 
@@ -157,31 +153,35 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, N, D) -> (B, N, D)."""
-        batch, tokens, width = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)  # (B, N, 3, H, D/H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D/H)
-        out = attention(q, k, v)  # (B, H, N, D/H); fused kernel unless under forward-mode AD
-        out = out.transpose(1, 2).reshape(batch, tokens, width)  # (B, N, D)
-        return self.proj(out)  # (B, N, D)
+        return self.forward_with_tangent(x, None)[0]
 
-    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-        """x, dx: (B, N, D) -> the output and its tangent, (B, N, D) each. No gradient recording."""
-        batch, tokens, width = x.shape
+    def forward_with_tangent(self, x: Tensor, dx: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """x: (B, N, D); dx: (M, N, D), the tangent of the leading rows, or None -> the output
+        (B, N, D) and its tangent (M, N, D) or None (see :mod:`meanflow.models.tangent`)."""
         heads = self.num_heads
-        qkv, dqkv = linear_with_tangent(x, dx, self.qkv.weight, self.qkv.bias)  # (B, N, 3D) each
-        q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D/H)
-        dq, dk, dv = dqkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-        out, dout = attention_with_tangent(q, dq, k, dk, v, dv)  # (B, H, N, D/H) each
-        both = pair(out, dout).transpose(2, 3).reshape(2, batch, tokens, width)  # (2, B, N, D), one copy
-        return linear_with_tangent(both[0], both[1], self.proj.weight, self.proj.bias)  # (B, N, D) each
+
+        tokens, width = x.shape[1], x.shape[2]
+
+        def split(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # (n, N, 3D) -> 3 x (n, H, N, D/H)
+            return qkv.reshape(qkv.shape[0], tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+        def merge(out: Tensor) -> Tensor:  # (n, H, N, D/H) -> (n, N, D)
+            return out.transpose(1, 2).reshape(out.shape[0], tokens, width)
+
+        qkv, dqkv = linear_with_tangent(x, dx, self.qkv.weight, self.qkv.bias)  # (B, N, 3D)
+        q, k, v = split(qkv)  # 3 x (B, H, N, D/H)
+        dq, dk, dv = (None, None, None) if dqkv is None else split(dqkv)
+        out, dout = attention_with_tangent(q, dq, k, dk, v, dv)  # (B, H, N, D/H); fused primal
+        return linear_with_tangent(merge(out), None if dout is None else merge(dout), self.proj.weight,
+                                   self.proj.bias)  # (B, N, D)
 
 
 class DiTBlock(nn.Module):
     """A transformer block whose two LayerNorms are modulated and whose branches are gated by c.
 
     ``c`` (B, D) is mapped to six vectors: shift, scale and gate for the attention branch and for
-    the MLP branch. With the modulation linear at zero the gates are zero and the block is the
-    identity.
+    the MLP branch; the block takes SiLU(c), which the DiT computes once for all blocks. With the
+    modulation linear at zero the gates are zero and the block is the identity.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
@@ -197,29 +197,26 @@ class DiTBlock(nn.Module):
         )
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x: (B, N, D) tokens, c: (B, D) conditioning -> (B, N, D)."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c).chunk(6, dim=1)  # 6 x (B, D)
-        x = x + gate_a[:, None, :] * self.attn(modulate(self.norm1(x), shift_a, scale_a))  # (B, N, D)
-        x = x + gate_m[:, None, :] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, N, D)
-        return x
+    def forward(
+        self, x: Tensor, silu_c: Tensor, dx: Tensor | None = None, dsilu_c: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The block and the tangent of its leading rows (see :mod:`meanflow.models.tangent`).
 
-    def forward_with_tangent(
-        self, x: Tensor, dx: Tensor, silu_c: Tensor, dsilu_c: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """The block and its derivative; call without gradient recording.
+        The tangent goes through the module call, so FSDP2's per-block hooks gather the
+        parameters for it as for the primal.
 
         Args:
-            x, dx: (B, N, D) tokens and their tangent.
-            silu_c, dsilu_c: (B, D) SiLU(c), the input of the modulation linear, and its tangent:
-                the same for every block, so the caller computes it once.
+            x: (B, N, D) tokens; dx: (M, N, D) their tangent, or None.
+            silu_c: (B, D) SiLU(c), the input of the modulation linear; dsilu_c: (M, D) its tangent
+                or None. The same for every block, so the caller computes it once.
         Returns:
-            (B, N, D) the block's output and its tangent.
+            (B, N, D) the block's output and (M, N, D) its tangent, or None.
         """
         linear = self.modulation[1]
         modulation, dmodulation = linear_with_tangent(silu_c, dsilu_c, linear.weight, linear.bias)  # (B, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=1)  # 6 x (B, D)
-        dshift_a, dscale_a, dgate_a, dshift_m, dscale_m, dgate_m = dmodulation.chunk(6, dim=1)
+        dshift_a, dscale_a, dgate_a, dshift_m, dscale_m, dgate_m = (
+            (None,) * 6 if dmodulation is None else dmodulation.chunk(6, dim=1))
 
         h, dh = layer_norm_with_tangent(x, dx, self.norm1.eps)  # (B, N, D)
         h, dh = modulate_with_tangent(h, dh, shift_a, dshift_a, scale_a, dscale_a)
@@ -249,17 +246,17 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """x: (B, N, D), c: (B, D) -> (B, N, p * p * C)."""
-        shift, scale = self.modulation(c).chunk(2, dim=1)  # 2 x (B, D)
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p * p * C)
+        return self.forward_with_tangent(x, None, F.silu(c), None)[0]
 
     def forward_with_tangent(
-        self, x: Tensor, dx: Tensor, silu_c: Tensor, dsilu_c: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """x, dx: (B, N, D); SiLU(c) and its tangent: (B, D) -> (B, N, p * p * C) twice. No gradient recording."""
+        self, x: Tensor, dx: Tensor | None, silu_c: Tensor, dsilu_c: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: (B, N, D), dx: (M, N, D) or None; SiLU(c) (B, D) and its tangent (M, D) or None ->
+        (B, N, p * p * C) and (M, N, p * p * C) or None."""
         linear = self.modulation[1]
         modulation, dmodulation = linear_with_tangent(silu_c, dsilu_c, linear.weight, linear.bias)  # (B, 2D)
         shift, scale = modulation.chunk(2, dim=1)  # 2 x (B, D)
-        dshift, dscale = dmodulation.chunk(2, dim=1)
+        dshift, dscale = (None, None) if dmodulation is None else dmodulation.chunk(2, dim=1)
         h, dh = layer_norm_with_tangent(x, dx, self.norm.eps)
         h, dh = modulate_with_tangent(h, dh, shift, dshift, scale, dscale)
         return linear_with_tangent(h, dh, self.linear.weight, self.linear.bias)  # (B, N, p * p * C)
@@ -270,9 +267,11 @@ class DiT(AverageVelocityNetwork):
 
     Called as ``model(z, r, t, conditions)`` like every model of the project (see
     :mod:`meanflow.conventions`). A fresh model outputs exactly zero (adaLN-Zero). It declares an
-    explicit tangent: ``model(z, r, t, conditions, tangent=Tangent(dz, dr, dt))`` returns a
-    :class:`~meanflow.conditions.ModelOutput` with ``u`` and its exact derivative ``du``
-    (:meth:`forward_with_tangent`), through the module call that DDP / FSDP2 / compile wrap.
+    explicit tangent: ``model(z, r, t, conditions, tangent=Tangent(dz, dr, dt))`` with a tangent
+    of the leading M rows returns a :class:`~meanflow.conditions.ModelOutput` with ``u`` (B rows,
+    recorded by autograd) and the exact derivative ``du`` of its first M rows (no gradient), in one
+    pass (:meth:`forward_with_tangent`), through the module call that DDP / FSDP2 / compile wrap;
+    the blocks take the tangent through their own module calls, so FSDP2's hooks see it.
     """
 
     explicit_tangent = True
@@ -332,85 +331,72 @@ class DiT(AverageVelocityNetwork):
             conditions: (B,) int64 labels in ``[0, num_classes]`` (``num_classes`` is the null
                 class), or a Conditions record with them, for a class-conditional model; None
                 for an unconditional one.
-            tangent: a direction (dz, dr, dt); when given, the output is a ModelOutput whose
-                ``du`` is the derivative of ``u`` along it (no gradient recorded).
+            tangent: a direction (dz, dr, dt) for the leading M <= B rows; when given, the output
+                is a ModelOutput whose ``du`` (M, C, H, W) is the derivative of ``u[:M]`` along it,
+                computed in the same pass, without gradient (:meth:`forward_with_tangent`).
         Returns:
             (B, C, H, W) the predicted average velocity u(z, r, t, y), or, with a tangent, the
             ModelOutput (u, du).
         """
         y = self.read_labels(conditions)
-        if tangent is not None:
-            u, du = self.forward_with_tangent(z, r, t, y, tangent.dz, tangent.dr, tangent.dt)
-            return ModelOutput(u=u, du=du)
-        config = self.config
-        self._check_input(z)
-        batch, p, g = z.shape[0], config.patch_size, config.grid_size
-
-        x = self.patch_embed(z)  # (B, D, G, G), G = H / p
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D), N = G * G, row-major
-        x = x + self.position_embedding  # (B, N, D)
-        c = self.conditioning(r, t, y)  # (B, D) from t, t - r and the label
-        for block in self.blocks:
-            x = block(x, c)  # (B, N, D)
-        x = self.final_layer(x, c)  # (B, N, p * p * C)
-        x = x.reshape(batch, g, g, p, p, config.in_channels)  # (B, G, G, p, p, C)
-        x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, G, p, G, p)
-        return x.reshape(batch, config.in_channels, g * p, g * p)  # (B, C, H, W)
+        if tangent is None:
+            return self.forward_with_tangent(z, r, t, y, None, None, None)[0]
+        u, du = self.forward_with_tangent(z, r, t, y, tangent.dz, tangent.dr, tangent.dt)
+        return ModelOutput(u=u, du=du)
 
     def forward_with_tangent(
-        self, z: Tensor, r: Tensor, t: Tensor, y: Tensor | None, dz: Tensor, dr: Tensor, dt: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """(u, du): u = self(z, r, t, y) and du = the directional derivative along (dz, dr, dt).
+        self, z: Tensor, r: Tensor, t: Tensor, y: Tensor | None, dz: Tensor | None, dr: Tensor | None,
+        dt: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(u, du): u = self(z, r, t, y) over the batch and du its directional derivative along
+        (dz, dr, dt) for the leading M rows, in one pass.
 
-        The forward-mode derivative written out by hand: primal and tangent travel together, each
-        linear layer multiplies both in one GEMM (see :mod:`meanflow.models.tangent`). With the
-        tangent (v, 0, 1) it is d/dt u of Eq. 5, what ``torch.func.jvp`` of :meth:`forward` gives,
-        at about half its cost. The labels and the positional embedding are constant.
-
-        Runs without gradient: it is meant for the stop-gradient MeanFlow target (Eq. 6), and its
-        outputs never carry a gradient.
+        The forward-mode derivative written out by hand (:mod:`meanflow.models.tangent`): every
+        layer computes its ordinary output over the B rows, recorded by autograd as in any
+        forward, and from its intermediate values the tangent of the first M rows, without
+        gradient and in fp32 or wider. With the tangent (v, 0, 1) it is d/dt u of Eq. 5, what
+        ``torch.func.jvp`` of :meth:`forward` gives, and the gradient forward pays for the
+        tangent alone, not a second primal of those rows. The labels and the positional
+        embedding are constant. ``dz`` None: the plain forward (and du None).
 
         Args:
-            z, dz: (B, C, H, W) the state z_t and its tangent (v for Eq. 5).
-            r, t, dr, dt: (B,) the times and their tangents (0 and 1 for Eq. 5).
+            z: (B, C, H, W) the state z_t; dz: (M, C, H, W) the tangent of its first M rows, or None.
+            r, t: (B,) the times; dr, dt: (M,) their tangents (0 and 1 for Eq. 5), or None.
             y: (B,) int64 labels or None, as in :meth:`forward`.
         Returns:
-            u, du: (B, C, H, W) each.
+            u: (B, C, H, W); du: (M, C, H, W) or None.
         """
         config = self.config
         self._check_input(z)
-        if dz.shape != z.shape:
-            raise ValueError(f"dz must have z's shape {tuple(z.shape)}, got {tuple(dz.shape)}")
+        check_tangent_rows(z, dz, dr, dt)
         batch, p, g = z.shape[0], config.patch_size, config.grid_size
-        with torch.no_grad():
-            # The patch embedding is linear: a linear map of each flattened patch, so one GEMM.
-            weight = self.patch_embed.weight.flatten(1)  # (D, C * p * p)
-            x, dx = linear_with_tangent(_patchify(z, p), _patchify(dz, p), weight)  # (B, N, D) each
-            x.add_(self.patch_embed.bias + self.position_embedding[0])  # constants: primal only
-            c, dc = self.conditioning.forward_with_tangent(r, t, y, dr, dt)  # (B, D) each
-            silu_c, dsilu_c = silu_with_tangent(c, dc)  # every modulation's input: computed once
-            for block in self.blocks:
-                x, dx = block.forward_with_tangent(x, dx, silu_c, dsilu_c)  # (B, N, D) each
-            x, dx = self.final_layer.forward_with_tangent(x, dx, silu_c, dsilu_c)  # (B, N, p * p * C)
-            both = pair(x, dx).view(2, batch, g, g, p, p, config.in_channels)  # (2, B, G, G, p, p, C)
-            both = both.permute(0, 1, 6, 2, 4, 3, 5)  # (2, B, C, G, p, G, p)
-            both = both.reshape(2, batch, config.in_channels, g * p, g * p)  # (2, B, C, H, W), one copy
-            return both[0], both[1]
+        x = self.patch_embed(z).flatten(2).transpose(1, 2)  # (B, N, D), N = G * G, row-major
+        x = x + self.position_embedding  # (B, N, D)
+        dx = None
+        if dz is not None:
+            # The patch embedding is linear: its tangent is the convolution of dz without the bias.
+            with torch.no_grad(), torch.autocast(device_type=dz.device.type, enabled=False):
+                dx = F.conv2d(dz, self.patch_embed.weight.to(dz.dtype), stride=p).flatten(2).transpose(1, 2)
+        c, dc = self.conditioning.forward_with_tangent(r, t, y, dr, dt)  # (B, D) from t, t - r and the label
+        silu_c, dsilu_c = silu_with_tangent(c, dc)  # every modulation's input: computed once
+        for block in self.blocks:
+            x, dx = block(x, silu_c, dx, dsilu_c)  # (B, N, D)
+        x, dx = self.final_layer.forward_with_tangent(x, dx, silu_c, dsilu_c)  # (B, N, p * p * C)
+        return self._unpatchify(x), None if dx is None else self._unpatchify(dx)
+
+    def _unpatchify(self, x: Tensor) -> Tensor:
+        """(n, N, p * p * C) tokens -> (n, C, H, W) images."""
+        config = self.config
+        batch, p, g = x.shape[0], config.patch_size, config.grid_size
+        x = x.reshape(batch, g, g, p, p, config.in_channels)  # (n, G, G, p, p, C)
+        x = x.permute(0, 5, 1, 3, 2, 4)  # (n, C, G, p, G, p)
+        return x.reshape(batch, config.in_channels, g * p, g * p)  # (n, C, H, W)
 
     def _check_input(self, z: Tensor) -> None:
         config = self.config
         expected = (config.in_channels, config.input_size, config.input_size)
         if z.dim() != 4 or tuple(z.shape[1:]) != expected:
             raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {tuple(z.shape)}")
-
-
-def _patchify(z: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, C * p * p): row-major patches, each flattened like a conv kernel (C, p, p)."""
-    batch, channels, height, width = z.shape
-    p = patch_size
-    patches = z.reshape(batch, channels, height // p, p, width // p, p)  # (B, C, G, p, G, p)
-    patches = patches.permute(0, 2, 4, 1, 3, 5)  # (B, G, G, C, p, p)
-    return patches.reshape(batch, (height // p) * (width // p), channels * p * p)  # (B, N, C * p * p)
 
 
 def _imagenet_latent_preset(patch_size: int, depth: int, hidden_size: int, num_heads: int) -> DiTConfig:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -20,13 +18,7 @@ def sinusoidal_embedding(values: Tensor, dim: int, max_period: float = 10_000.0)
     Returns:
         (B, dim) ``[cos(values * f_k), sin(values * f_k)]`` with ``f_k = max_period^(-k / (dim/2))``.
     """
-    if dim % 2:
-        raise ValueError(f"sinusoidal embedding dimension must be even, got {dim}")
-    half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=values.device) / half
-    frequencies = torch.exp(-math.log(max_period) * exponent).to(values.dtype)
-    angles = values[:, None] * frequencies[None, :]  # (B, half)
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return sinusoidal_embedding_with_tangent(values, None, dim, max_period)[0]
 
 
 class ScalarEmbedder(nn.Module):
@@ -42,17 +34,17 @@ class ScalarEmbedder(nn.Module):
         )
 
     def forward(self, values: Tensor) -> Tensor:
-        features = sinusoidal_embedding(values, self.frequency_size)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        return self.forward_with_tangent(values, None)[0]
 
-    def forward_with_tangent(self, values: Tensor, dvalues: Tensor) -> tuple[Tensor, Tensor]:
-        """The embedding and its derivative along ``dvalues``. (B,), (B,) -> (B, hidden) twice.
+    def forward_with_tangent(self, values: Tensor, dvalues: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The embedding and its derivative along ``dvalues``. (B,), (M,) -> (B, hidden), (M, hidden).
 
-        Call without gradient recording (see :mod:`meanflow.models.tangent`).
+        The tangent of the leading M rows, without gradient (see :mod:`meanflow.models.tangent`);
+        ``dvalues`` None: the plain embedding and None.
         """
         dtype = self.mlp[0].weight.dtype
         features, dfeatures = sinusoidal_embedding_with_tangent(values, dvalues, self.frequency_size)
-        h, dh = linear_with_tangent(features.to(dtype), dfeatures.to(dtype), self.mlp[0].weight, self.mlp[0].bias)
+        h, dh = linear_with_tangent(features.to(dtype), dfeatures, self.mlp[0].weight, self.mlp[0].bias)
         h, dh = silu_with_tangent(h, dh)
         return linear_with_tangent(h, dh, self.mlp[2].weight, self.mlp[2].bias)
 
@@ -92,29 +84,28 @@ class TimeConditioning(nn.Module):
 
     def forward(self, r: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         """r, t: (B,); y: (B,) int64 or None -> (B, hidden)."""
-        c = self.t_embedder(t) + self.gap_embedder(t - r)
-        label = self._label_embedding(y)
-        return c if label is None else c + label
+        return self.forward_with_tangent(r, t, y, None, None)[0]
 
     def forward_with_tangent(
-        self, r: Tensor, t: Tensor, y: Tensor | None, dr: Tensor, dt: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """The conditioning vector c and its derivative along (dr, dt).
+        self, r: Tensor, t: Tensor, y: Tensor | None, dr: Tensor | None, dt: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The conditioning vector c and its derivative along (dr, dt) for the leading rows.
 
-        ``t - r`` moves by ``dt - dr``; the label embedding is constant (zero tangent).
-        Call without gradient recording (see :mod:`meanflow.models.tangent`).
+        ``t - r`` moves by ``dt - dr``; the label embedding is constant (zero tangent). The
+        tangent is computed without gradient (see :mod:`meanflow.models.tangent`).
 
         Args:
-            r, t, dr, dt: (B,) the times and their tangents (dr = 0, dt = 1 for Eq. 5).
-            y: (B,) int64 labels or None, as in :meth:`forward`.
+            r, t: (B,) the times; y: (B,) int64 labels or None, as in :meth:`forward`.
+            dr, dt: (M,) the tangents of the leading M rows' times (0 and 1 for Eq. 5), or None.
         Returns:
-            c, dc: (B, hidden) each.
+            c: (B, hidden); dc: (M, hidden) or None.
         """
         label = self._label_embedding(y)
+        moving = dt is not None
         e_t, de_t = self.t_embedder.forward_with_tangent(t, dt)
-        e_gap, de_gap = self.gap_embedder.forward_with_tangent(t - r, dt - dr)
+        e_gap, de_gap = self.gap_embedder.forward_with_tangent(t - r, dt - dr if moving else None)
         c = e_t + e_gap
-        return (c if label is None else c + label), de_t + de_gap
+        return (c if label is None else c + label), (de_t + de_gap if moving else None)
 
     def _label_embedding(self, y: Tensor | None) -> Tensor | None:
         """(B, hidden) label embedding, or None for an unconditional model; checks y against the model."""

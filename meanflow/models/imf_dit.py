@@ -57,18 +57,17 @@ from ..conditions import (
     Tangent,
     as_conditions,
     check_accepted,
+    check_tangent_rows,
 )
 from ..validation import check_integer
 from .attention import attention
 from .base import AverageVelocityNetwork, ConfigRecord
-from .dit import _patchify
 from .embeddings import ScalarEmbedder
 from .tangent import (
     attention_with_tangent,
     gated_residual_with_tangent,
     linear_map_with_tangent,
     linear_with_tangent,
-    pair,
     rms_norm_with_tangent,
     swiglu_with_tangent,
 )
@@ -191,8 +190,8 @@ class RMSNorm(nn.Module):
         """x: (..., D) -> (..., D)."""
         return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps) * self.weight
 
-    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-        """x, dx: (..., D) -> the output and its tangent, (..., D) each. No gradient recording."""
+    def forward_with_tangent(self, x: Tensor, dx: Tensor | None) -> tuple:
+        """x: (B, ..., D), dx: (M, ..., D) or None -> the output and its tangent (tangent module)."""
         return rms_norm_with_tangent(x, dx, self.weight, self.eps)
 
 
@@ -246,28 +245,33 @@ class RoPEAttention(nn.Module):
         out = attention(q, k, split(self.v_proj))  # (B, H, L, hd); fused unless under forward-mode AD
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))  # (B, L, D)
 
-    def forward_with_tangent(self, x: Tensor, dx: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """x, dx: (B, L, D); cos, sin: (L, hd / 2) -> the output and its tangent, (B, L, D) each.
+    def forward_with_tangent(self, x: Tensor, dx: Tensor | None, cos: Tensor, sin: Tensor) -> tuple:
+        """x: (B, L, D), dx: (M, L, D) the tangent of the leading rows or None; cos, sin: (L, hd / 2)
+        -> the output (B, L, D) and its tangent (M, L, D) or None (see :mod:`meanflow.models.tangent`).
 
-        The softmax attention materialises its (L, L) scores for the tangent
-        (:func:`~meanflow.models.tangent.attention_with_tangent`). No gradient recording.
+        The tangent materialises the (L, L) scores of its M rows
+        (:func:`~meanflow.models.tangent.attention_with_tangent`).
         """
-        batch, length, width = x.shape
+        length, width = x.shape[1], x.shape[2]
         heads = self.num_heads
 
-        def split(projection: nn.Linear) -> tuple[Tensor, Tensor]:
-            y, dy = linear_with_tangent(x, dx, projection.weight)  # (B, L, D) each, one GEMM
-            both = pair(y, dy).view(2, batch, length, heads, width // heads).transpose(2, 3)  # (2, B, H, L, hd)
-            return both[0], both[1]
+        def split(y: Tensor | None) -> Tensor | None:  # (n, L, D) -> (n, H, L, hd)
+            return None if y is None else y.view(y.shape[0], length, heads, width // heads).transpose(1, 2)
+
+        def project(projection: nn.Linear) -> tuple:
+            y, dy = linear_with_tangent(x, dx, projection.weight)
+            return split(y), split(dy)
 
         def rotate(both: Tensor) -> Tensor:
-            return apply_rope(both, cos, sin)  # (2, B, H, L, hd): linear, so the tangent turns alike
+            return apply_rope(both, cos, sin)  # linear, so the tangent turns alike
 
-        q, dq = linear_map_with_tangent(*self.q_norm.forward_with_tangent(*split(self.q_proj)), rotate)
-        k, dk = linear_map_with_tangent(*self.k_norm.forward_with_tangent(*split(self.k_proj)), rotate)
-        out, dout = attention_with_tangent(q, dq, k, dk, *split(self.v_proj))  # (B, H, L, hd) each
-        both = pair(out, dout).transpose(2, 3).reshape(2, batch, length, width)  # (2, B, L, D), one copy
-        return linear_with_tangent(both[0], both[1], self.out_proj.weight)  # (B, L, D) each
+        def merge(out: Tensor | None) -> Tensor | None:  # (n, H, L, hd) -> (n, L, D)
+            return None if out is None else out.transpose(1, 2).reshape(out.shape[0], length, width)
+
+        q, dq = linear_map_with_tangent(*self.q_norm.forward_with_tangent(*project(self.q_proj)), rotate)
+        k, dk = linear_map_with_tangent(*self.k_norm.forward_with_tangent(*project(self.k_proj)), rotate)
+        out, dout = attention_with_tangent(q, dq, k, dk, *project(self.v_proj))  # (B, H, L, hd)
+        return linear_with_tangent(merge(out), merge(dout), self.out_proj.weight)  # (B, L, D)
 
 
 class SwiGLU(nn.Module):
@@ -282,8 +286,8 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-        """x, dx: (B, L, D) -> the output and its tangent, (B, L, D) each. No gradient recording."""
+    def forward_with_tangent(self, x: Tensor, dx: Tensor | None) -> tuple:
+        """x: (B, L, D), dx: (M, L, D) or None -> the output and its tangent (tangent module)."""
         return swiglu_with_tangent(x, dx, self.w1.weight, self.w3.weight, self.w2.weight)
 
 
@@ -304,8 +308,8 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin) * self.attn_scale  # (B, L, D)
         return x + self.mlp(self.norm2(x)) * self.mlp_scale  # (B, L, D)
 
-    def forward_with_tangent(self, x: Tensor, dx: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """x, dx: (B, L, D) -> the block's output and its tangent, (B, L, D) each. No gradient recording.
+    def forward_with_tangent(self, x: Tensor, dx: Tensor | None, cos: Tensor, sin: Tensor) -> tuple:
+        """x: (B, L, D), dx: (M, L, D) or None -> the block's output and its tangent (tangent module).
 
         The residual scales are parameters, constant along the tangent: dy = dx + scale * dbranch.
         """
@@ -326,8 +330,8 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.norm(x))
 
-    def forward_with_tangent(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-        """x, dx: (B, N, D) -> (B, N, p * p * C) twice. No gradient recording."""
+    def forward_with_tangent(self, x: Tensor, dx: Tensor | None) -> tuple:
+        """x: (B, N, D), dx: (M, N, D) or None -> (B, N, p * p * C) and (M, N, p * p * C) or None."""
         h, dh = self.norm.forward_with_tangent(x, dx)
         return linear_with_tangent(h, dh, self.linear.weight, self.linear.bias)
 
@@ -453,8 +457,8 @@ class ImfDiT(AverageVelocityNetwork):
             r, t: (B,) the times, ``r <= t``; only ``h = t - r`` is embedded.
             conditions: a Conditions record with ``labels`` (B,) int64 in ``[0, num_classes]``,
                 ``guidance_scale`` (B,) omega > 0 and ``guidance_interval`` (B, 2) [t_min, t_max].
-            tangent: a direction (dz, dr, dt); when given, the call runs :meth:`forward_with_tangent`
-                (no gradient recorded) and returns ``ModelOutput(u, du)``, ``v`` None.
+            tangent: a direction (dz, dr, dt) of the leading M <= B rows; when given, the call runs
+                :meth:`forward_with_tangent` and returns ``ModelOutput(u, du)``, ``v`` None.
         Returns:
             ModelOutput with ``u`` and ``v``, (B, C, H, W) each (``v`` None without the head), or
             with a tangent ``u`` and its derivative ``du`` along it.
@@ -487,45 +491,43 @@ class ImfDiT(AverageVelocityNetwork):
 
     def forward_with_tangent(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike, dz: Tensor,
                              dr: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
-        """(u, du): u of :meth:`forward` and its derivative along (dz, dr, dt), by hand.
+        """(u, du): u of :meth:`forward` over the batch and the derivative of its leading M rows
+        along (dz, dr, dt), by hand, in one pass (see :mod:`meanflow.models.tangent`).
 
         With the tangent (v_c, 0, 1) it is du/dt of F-2, what ``torch.func.jvp`` of the ``u`` head
         gives. Only ``z`` and ``h = t - r`` move (module docstring): the patch tokens by the patch
         embedding of ``dz``, the time tokens by the tangent of the ``h`` embedding along
-        ``dt - dr``; the class, omega and interval tokens are constant. Runs the trunk and the ``u``
-        head only, without gradient (the target is stop-gradient).
+        ``dt - dr``; the class, omega and interval tokens are constant. Runs the trunk and the
+        ``u`` head; ``u`` is recorded by autograd like :meth:`forward`'s, ``du`` has no gradient.
+        It reads the blocks' weights directly, so an FSDP2-sharded model differentiates through
+        ``torch.func.jvp`` instead (:func:`meanflow.jvp.one_pass_tangent`).
 
         Args:
-            z, dz: (B, C, H, W) the state z_t and its tangent.
-            r, t, dr, dt: (B,) the times and their tangents.
+            z: (B, C, H, W) the state z_t; dz: (M, C, H, W) the tangent of its first M rows.
+            r, t: (B,) the times; dr, dt: (M,) their tangents.
             conditions: as in :meth:`forward` (constant along the tangent).
         Returns:
-            u, du: (B, C, H, W) each.
+            u: (B, C, H, W); du: (M, C, H, W).
         """
         config = self.config
         y, omega, interval = self._read_conditions(conditions, z)
-        if dz.shape != z.shape:
-            raise ValueError(f"dz must have z's shape {tuple(z.shape)}, got {tuple(dz.shape)}")
+        check_tangent_rows(z, dz, dr, dt)
         prefix, constant = config.prefix_tokens, config.prefix_tokens - config.num_time_tokens
-        with torch.no_grad():
-            e_h, de_h = self.h_embedder.forward_with_tangent(t - r, dt - dr)  # (B, D) each
-            # The patch embedding is a linear map of each flattened patch: one GEMM for z and dz.
-            weight = self.x_embedder.proj.weight.flatten(1)  # (D, C * p * p)
-            x, dx = linear_with_tangent(_patchify(z, config.patch_size), _patchify(dz, config.patch_size), weight)
-            x.add_(self.x_embedder.proj.bias)  # (B, N, D); a constant: primal only
-            batch, patches, width = x.shape
-            seq = x.new_empty((2, batch, prefix + patches, width))  # (2, B, P + N, D)
-            torch.cat([*self._condition_tokens(y, omega, interval, e_h), x], dim=1, out=seq[0])
-            seq[1, :, :constant] = 0  # class, omega and interval tokens: constants
-            seq[1, :, constant:prefix] = de_h[:, None, :]  # the time tokens move with h
-            seq[1, :, prefix:] = dx
-            x, dx = seq[0], seq[1]
-            cos, sin = self.rope_cos, self.rope_sin
-            for block in (*self.shared_blocks, *self.u_heads):
-                x, dx = block.forward_with_tangent(x, dx, cos, sin)  # (B, P + N, D) each
-            x, dx = self.u_final_layer.forward_with_tangent(x[:, prefix:], dx[:, prefix:])  # (B, N, p * p * C)
-            both = self._unpatchify(pair(x, dx))  # (2, B, C, H, W), one copy
-            return both[0], both[1]
+        e_h, de_h = self.h_embedder.forward_with_tangent(t - r, dt - dr)  # (B, D), (M, D)
+        x = self.x_embedder(z)  # (B, N, D)
+        seq = torch.cat([*self._condition_tokens(y, omega, interval, e_h), x], dim=1)  # (B, P + N, D)
+        with torch.no_grad(), torch.autocast(device_type=dz.device.type, enabled=False):
+            # The patch embedding is linear: its tangent is the convolution of dz without the bias.
+            weight = self.x_embedder.proj.weight.to(dz.dtype)
+            dx = F.conv2d(dz, weight, stride=config.patch_size).flatten(2).transpose(1, 2)  # (M, N, D)
+            dseq = dz.new_zeros((dz.shape[0], seq.shape[1], seq.shape[2]))  # class, omega, interval: constants
+            dseq[:, constant:prefix] = de_h[:, None, :]  # the time tokens move with h
+            dseq[:, prefix:] = dx
+        cos, sin = self.rope_cos, self.rope_sin
+        for block in (*self.shared_blocks, *self.u_heads):
+            seq, dseq = block.forward_with_tangent(seq, dseq, cos, sin)  # (B, P + N, D), (M, P + N, D)
+        x, dx = self.u_final_layer.forward_with_tangent(seq[:, prefix:], dseq[:, prefix:])  # (n, N, p * p * C)
+        return self._unpatchify(x), self._unpatchify(dx)
 
     def _condition_tokens(self, y: Tensor, omega: Tensor, interval: Tensor, h_embedding: Tensor) -> list[Tensor]:
         """The conditioning tokens, each learned base plus its condition's embedding, in the official

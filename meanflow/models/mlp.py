@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..conditions import GUIDANCE_INTERVAL, GUIDANCE_SCALE, ConditionsLike, ModelOutput, Tangent, as_conditions
+from ..conditions import (GUIDANCE_INTERVAL, GUIDANCE_SCALE, ConditionsLike, ModelOutput, Tangent, as_conditions,
+                          check_tangent_rows)
 from .base import AverageVelocityNetwork, ConfigRecord
 from .embeddings import ScalarEmbedder, TimeConditioning
 from .tangent import linear_with_tangent, silu_with_tangent
@@ -141,41 +142,41 @@ class MLP(AverageVelocityNetwork):
 
     def forward_with_tangent(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike, dz: Tensor,
                              dr: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
-        """(u, du): u of :meth:`forward` and its derivative along (dz, dr, dt), without gradient.
+        """(u, du): u of :meth:`forward` over the batch and the derivative of its leading M rows
+        along (dz, dr, dt), in one pass (see :mod:`meanflow.models.tangent`).
 
-        The conditioning vector moves through embed(t) and embed(t - r) (by dt and dt - dr); the
-        label and guidance embeddings are constant. With (v, 0, 1) this is d/dt u of Eq. 5.
+        ``u`` is recorded by autograd as in :meth:`forward` (the same ops, so the same values);
+        ``du`` is computed without gradient. The conditioning vector moves through embed(t) and
+        embed(t - r) (by dt and dt - dr); the label and guidance embeddings are constant. With
+        (v, 0, 1) this is d/dt u of Eq. 5. It reads the layers' weights directly, so an FSDP2-sharded
+        MLP differentiates through ``torch.func.jvp`` instead (:func:`meanflow.jvp.one_pass_tangent`).
 
         Args:
-            z, dz: (B, D) the state and its tangent.
-            r, t, dr, dt: (B,) the times and their tangents.
+            z: (B, D) the state; dz: (M, D) the tangent of its first M rows.
+            r, t: (B,) the times; dr, dt: (M,) their tangents.
             conditions: as in :meth:`forward`.
         Returns:
-            u, du: (B, D) each.
+            u: (B, D); du: (M, D).
         """
-        if dz.shape != z.shape:
-            raise ValueError(f"dz must have z's shape {tuple(z.shape)}, got {tuple(dz.shape)}")
+        check_tangent_rows(z, dz, dr, dt)
         labels = self.read_labels(conditions)
-        with torch.no_grad():
-            c, dc = self.conditioning.forward_with_tangent(r, t, labels, dr, dt)  # (B, W) each
-            if self.guidance_embedders:
-                c = c + self._guidance_embedding(as_conditions(conditions))  # a constant: primal only
-            h, dh = linear_with_tangent(z, dz, self.input.weight, self.input.bias)  # (B, W) each
-            h.add_(c)
-            dh.add_(dc)
-            c, dc = silu_with_tangent(c, dc)
-            for index, block in enumerate(self.blocks):
-                a, da = h, dh
-                if self.block_conditioning:
-                    conditioning = self.block_conditioning[index]
-                    a, da = linear_with_tangent(c, dc, conditioning.weight, conditioning.bias)
-                    a.add_(h)  # h + projection(SiLU(c)), into the fresh halves
-                    da.add_(dh)
-                a, da = silu_with_tangent(a, da)
-                a, da = linear_with_tangent(a, da, block[1].weight, block[1].bias)
-                h, dh = a.add_(h), da.add_(dh)  # (B, W) residual; still the halves of one buffer
-            h, dh = silu_with_tangent(h, dh)
-            return linear_with_tangent(h, dh, self.output[1].weight, self.output[1].bias)  # (B, D) each
+        c, dc = self.conditioning.forward_with_tangent(r, t, labels, dr, dt)  # (B, W), (M, W)
+        if self.guidance_embedders:
+            c = c + self._guidance_embedding(as_conditions(conditions))  # a constant: primal only
+        h, dh = linear_with_tangent(z, dz, self.input.weight, self.input.bias)
+        h, dh = h + c, dh + dc
+        c, dc = silu_with_tangent(c, dc)
+        for index, block in enumerate(self.blocks):
+            a, da = h, dh
+            if self.block_conditioning:
+                conditioning = self.block_conditioning[index]
+                a, da = linear_with_tangent(c, dc, conditioning.weight, conditioning.bias)
+                a, da = h + a, dh + da  # h + projection(SiLU(c)), as forward adds them
+            a, da = silu_with_tangent(a, da)
+            a, da = linear_with_tangent(a, da, block[1].weight, block[1].bias)
+            h, dh = h + a, dh + da  # (B, W) residual
+        h, dh = silu_with_tangent(h, dh)
+        return linear_with_tangent(h, dh, self.output[1].weight, self.output[1].bias)  # (B, D), (M, D)
 
     def _guidance_embedding(self, conditions) -> Tensor:
         """embed(1 - 1/omega) + embed(t_min) + embed(t_max). -> (B, W)"""

@@ -78,29 +78,65 @@ def guided_target_velocity(model: nn.Module, guidance: Optional[TrainingGuidance
     """v_hat (Eq. 9-10) where guidance applies (label kept, t in [t_min, t_max]), else v.
 
     z, v: (B, ...); t: (B,); labels: (B,) with the null id (``num_classes``) on dropped rows, or
-    None. The network's predictions at r = t (the unconditional one, and the conditional one when
-    kappa > 0) come from one no-grad fp32 forward of the guided rows. MeanFlow uses v_hat as its
-    target velocity and tangent; SplitMeanFlow as its boundary target. -> (B, ...)
+    None. MeanFlow uses v_hat as its target velocity and tangent; alpha-Flow and SplitMeanFlow as
+    their boundary target. -> (B, ...)
     """
-    if guidance is None or labels is None or not guidance.needs_model_predictions:
-        return v
-    null = null_class_id(num_classes)
-    guided = (labels != null) & (t >= guidance.t_min) & (t <= guidance.t_max)
-    rows = guided.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return v
-    z_g, t_g = z[rows], t[rows]
-    null_labels = torch.full_like(labels[rows], null)
-    if guidance.needs_conditional_prediction:
-        # One forward of 2n rows: unconditional then conditional, both at r = t.
-        both = predict_without_grad(model, torch.cat([z_g, z_g]), torch.cat([t_g, t_g]), torch.cat([t_g, t_g]),
-                                    torch.cat([null_labels, labels[rows]]))
-        v_unc, v_cond = both.chunk(2)
-    else:
-        v_unc, v_cond = predict_without_grad(model, z_g, t_g, t_g, null_labels), None
-    mixed = guided_velocity(v[rows], v_unc.to(v.dtype), None if v_cond is None else v_cond.to(v.dtype),
-                            guidance.omega, guidance.kappa)
-    return v.index_copy(0, rows, mixed)
+    return GuidedVelocity(model, guidance, num_classes, z, t, v, labels).v_hat
+
+
+class GuidedVelocity:
+    """v_hat (Eq. 9-10) in at most two steps, so that the gradient forward can supply some rows'
+    conditional predictions instead of an extra forward computing them again.
+
+    Guidance applies on the rows whose label is kept and whose t lies in [t_min, t_max]. Their
+    unconditional prediction u(z, t, t | null), and with kappa > 0 their conditional one
+    u(z, t, t | y), come from ONE no-grad fp32 forward of the bare module over all the rows that
+    need one (``predict_without_grad``). ``deferred`` (B,) bool marks rows whose conditional
+    prediction the caller will pass to :meth:`complete` (MeanFlow: the r = t rows, whose gradient
+    forward evaluates exactly u(z, t, t | y)); their v_hat waits for it. The sum is formed in the
+    same order either way, so the result is the one-step result bit for bit given equal predictions.
+
+    Attributes:
+        v_hat: (B, ...) the guided velocity, final except on the pending rows.
+        pending: (P,) indices of the deferred rows still waiting for :meth:`complete`.
+    """
+
+    def __init__(self, model: nn.Module, guidance: Optional[TrainingGuidance], num_classes: Optional[int],
+                 z: Tensor, t: Tensor, v: Tensor, labels: Optional[Tensor], deferred: Optional[Tensor] = None):
+        self.guidance, self.v_hat = guidance, v
+        self.pending = v.new_zeros((0,), dtype=torch.long)
+        if guidance is None or labels is None or not guidance.needs_model_predictions:
+            return
+        null = null_class_id(num_classes)
+        guided = (labels != null) & (t >= guidance.t_min) & (t <= guidance.t_max)
+        rows = guided.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        conditional = rows[:0]
+        if guidance.needs_conditional_prediction:
+            later = torch.zeros_like(guided) if deferred is None else deferred
+            conditional = (guided & ~later).nonzero().squeeze(1)
+            self.pending = (guided & later).nonzero().squeeze(1)
+        # One forward: the unconditional rows, then the conditional ones, all at r = t.
+        inputs = torch.cat([rows, conditional])
+        row_labels = torch.cat([torch.full_like(labels[rows], null), labels[conditional]])
+        both = predict_without_grad(model, z[inputs], t[inputs], t[inputs], row_labels).to(v.dtype)
+        v_unc, v_cond = both[: rows.numel()], both[rows.numel():]
+        omega, kappa = guidance.omega, guidance.kappa
+        # Eq. 9, or Eq. 10 without its kappa v_cond term, which index_add then adds: the order of
+        # guided_velocity's sums, so both routes give the same bits.
+        v_hat = v.index_copy(0, rows, omega * v[rows] + (1.0 - omega - kappa) * v_unc)
+        if conditional.numel():
+            v_hat = v_hat.index_add(0, conditional, kappa * v_cond)
+        self.v_hat = v_hat
+
+    def complete(self, conditional: Tensor) -> Tensor:
+        """v_hat with the pending rows' ``kappa * v_cond`` added from ``conditional`` (B, ...), the
+        batch's conditional predictions u(z, t, t | y) (only the pending rows are read). -> (B, ...)"""
+        if self.pending.numel() == 0:
+            return self.v_hat
+        v_cond = conditional[self.pending].detach().to(self.v_hat.dtype)
+        return self.v_hat.index_add(0, self.pending, self.guidance.kappa * v_cond)
 
 
 def drop_labels(labels: Tensor, probability: float, null_id: int, generator: torch.Generator | None = None) -> Tensor:

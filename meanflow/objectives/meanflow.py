@@ -31,14 +31,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..conditions import average_velocity
+from ..conditions import Tangent, average_velocity
 from ..conventions import at_least_fp32, autocast_off, broadcast_like, interpolate, null_class_id
-from ..jvp import Derivative, finite_difference_along_flow, jvp_along_flow, tangent_along_flow
+from ..jvp import Derivative, finite_difference_along_flow, jvp_along_flow, one_pass_tangent, tangent_along_flow
 from ..samplers import AverageVelocitySampler, Sampler
 from ..validation import check_fraction, check_number, check_positive, parse_enum
 from ..wrappers import is_data_parallel, unwrap
 from .base import NoiseTimeObjective, check_num_classes, default_of
-from .guidance import TrainingGuidance, drop_labels, guided_target_velocity
+from .guidance import GuidedVelocity, TrainingGuidance, drop_labels, guided_target_velocity
 from .loss import AdaptiveWeighting, LossOutput, loss_output
 from .schedules import Ramp, RampShape
 from .time_sampling import TimeSampler
@@ -273,14 +273,24 @@ class MeanFlow(NoiseTimeObjective):
         modulation = self.modulation_at(progress)
         z = interpolate(x, noise, t)  # (B, ...) Eq. 1
         v = noise - x  # (B, ...) Eq. 1
-        v_hat = self.guided_target_velocity(model, z, t, v, labels)  # (B, ...) Eq. 9-10
         moving = (r < t).nonzero().squeeze(1)  # indices of samples that pay for the derivative
+        # The r = t rows' conditional predictions u(z, t, t | y) (Eq. 10, kappa > 0) are the
+        # gradient forward's own outputs there, so they are not computed twice; under autocast
+        # that output is low precision and the target stays fp32 (spec section 8): computed apart.
+        low_precision = torch.is_autocast_enabled(z.device.type)
+        deferred = None if low_precision else r == t
+        guided = GuidedVelocity(model, self.guidance, self.num_classes, z, t, v, labels, deferred)  # Eq. 9-10
+        v_hat = guided.v_hat  # (B, ...), final on the moving rows (the tangent's direction)
         if self.derivative is Derivative.JVP:
             u, dudt = self._single_pass(model, z, r, t, labels, v_hat, moving)
+        elif self.derivative is Derivative.TWO_PASS and one_pass_tangent(model) and not low_precision:
+            # One pass needs the primal's intermediate values in fp32; under autocast the tangent
+            # runs apart, in fp32, as below.
+            u, dudt = self._one_pass(model, z, r, t, labels, v_hat, moving)
         else:
             dudt = self._derivative_without_grad(model, z, r, t, labels, v_hat, moving)
             u = average_velocity(model(z, r, t, labels))  # (B, ...) the one gradient forward, through any wrapper
-        u_tgt = at_least_fp32(v_hat)
+        u_tgt = at_least_fp32(guided.complete(u))
         if moving.numel():
             dudt = at_least_fp32(dudt).to(u_tgt.dtype)
             gap = broadcast_like((t - r)[moving], dudt).to(u_tgt.dtype)
@@ -296,6 +306,25 @@ class MeanFlow(NoiseTimeObjective):
         """v_hat (Eq. 9-10) where guidance applies (label kept, t in the interval), else v
         (:func:`meanflow.objectives.guidance.guided_target_velocity`, which SplitMeanFlow shares)."""
         return guided_target_velocity(model, self.guidance, self.num_classes, z, t, v, labels)
+
+    def _one_pass(
+        self, model: nn.Module, z: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor], v_hat: Tensor, moving: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """u for the whole batch with gradient and du/dt for the ``moving`` rows without, from ONE
+        call of ``model`` (through its DDP / compile wrapper): the network's explicit tangent of
+        the leading rows rides on the gradient forward, reusing its intermediate values.
+
+        The batch is reordered so the moving rows lead, and u is put back in batch order. -> u
+        (B, ...), du/dt (M, ...)
+        """
+        rows = moving.numel()
+        if rows == 0:
+            return average_velocity(model(z, r, t, labels)), z.new_zeros((0, *z.shape[1:]))
+        order = torch.cat([moving, (r == t).nonzero().squeeze(1)])  # moving rows first
+        direction = at_least_fp32(v_hat[moving])
+        tangent = Tangent(direction, direction.new_zeros(rows), direction.new_ones(rows))  # (v_hat, 0, 1), Eq. 5
+        out = model(z[order], r[order], t[order], None if labels is None else labels[order], tangent=tangent)
+        return average_velocity(out)[order.argsort()], out.du
 
     def _single_pass(
         self, model: nn.Module, z: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor], v_hat: Tensor, moving: Tensor
