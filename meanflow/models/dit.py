@@ -366,10 +366,9 @@ class DiT(AverageVelocityNetwork):
         Returns:
             u: (B, C, H, W); du: (M, C, H, W) or None.
         """
-        config = self.config
         self._check_input(z)
         check_tangent_rows(z, dz, dr, dt)
-        batch, p, g = z.shape[0], config.patch_size, config.grid_size
+        p = self.config.patch_size
         x = self.patch_embed(z).flatten(2).transpose(1, 2)  # (B, N, D), N = G * G, row-major
         x = x + self.position_embedding  # (B, N, D)
         dx = None

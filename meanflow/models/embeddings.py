@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .tangent import linear_with_tangent, silu_with_tangent, sinusoidal_embedding_with_tangent

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from ..conditions import (GUIDANCE_INTERVAL, GUIDANCE_SCALE, ConditionsLike, ModelOutput, Tangent, as_conditions,
