@@ -83,6 +83,15 @@ def as_conditions(value: ConditionsLike) -> Conditions:
     raise TypeError(f"conditions must be a Conditions record, a label tensor or None; got {type(value).__name__}")
 
 
+def select_rows(conditions: ConditionsLike, index: Tensor) -> ConditionsLike:
+    """The conditions of the rows ``index``: labels indexed, a record row by row, None kept."""
+    if conditions is None:
+        return None
+    if isinstance(conditions, Conditions):
+        return conditions.rows(index)
+    return conditions[index]
+
+
 def check_accepted(conditions: Conditions, accepted: frozenset[str], model_name: str) -> None:
     """Refuse conditions the network does not take, naming the ones it does."""
     extra = conditions.present() - accepted

@@ -35,7 +35,8 @@ import enum
 import torch
 from torch import Tensor, nn
 
-from .conditions import ConditionsLike, Tangent, average_velocity, supports_explicit_tangent
+from .conditions import (ConditionsLike, ModelOutput, Tangent, as_output, average_velocity, select_rows,
+                         supports_explicit_tangent)
 from .conventions import broadcast_like
 from .wrappers import unwrap
 
@@ -84,6 +85,34 @@ def one_pass_tangent(model: nn.Module) -> bool:
     tangent and is not FSDP2-sharded: then one call gives u over the batch with gradient and the
     tangent of its leading rows without (:class:`~meanflow.conditions.Tangent`)."""
     return supports_explicit_tangent(model) and not _is_sharded(unwrap(model))
+
+
+def one_pass_along_flow(
+    model: nn.Module, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike, velocity: Tensor, moving: Tensor
+) -> tuple[ModelOutput, Tensor]:
+    """The gradient forward over the batch and du/dt of the ``moving`` rows, from ONE call of
+    ``model`` (through its DDP / compile wrapper; :func:`one_pass_tangent` must hold).
+
+    The rows are reordered so the moving ones lead, the call carries the tangent
+    (velocity, 0, 1) of those rows (Eq. 5), and the outputs are put back in batch order.
+
+    Args:
+        z: (B, ...); r, t: (B,); conditions: labels (B,), a Conditions record or None.
+        velocity: (M, ...) the tangent's direction on the moving rows; moving: (M,) their indices.
+    Returns:
+        The call's ModelOutput in batch order (``u``, and ``v`` where the network has one, with
+        gradient) and du/dt (M, ...) of the moving rows, without gradient.
+    """
+    if moving.numel() == 0:
+        return as_output(model(z, r, t, conditions)), z.new_zeros((0, *z.shape[1:]))
+    rest = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    rest[moving] = False
+    order = torch.cat([moving, rest.nonzero().squeeze(1)])  # the moving rows first
+    rows = moving.numel()
+    tangent = Tangent(velocity, velocity.new_zeros(rows), velocity.new_ones(rows))
+    out = as_output(model(z[order], r[order], t[order], select_rows(conditions, order), tangent=tangent))
+    back = order.argsort()
+    return ModelOutput(u=out.u[back], v=None if out.v is None else out.v[back]), out.du
 
 
 def _is_sharded(model: nn.Module) -> bool:

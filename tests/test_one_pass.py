@@ -165,3 +165,33 @@ def test_bf16_autocast_keeps_the_tangent_apart_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         MeanFlow().prediction_and_target(census, x, e, r, t)
     assert census.calls == [(8, 8, False), (16, None, True)]
+
+
+def test_imf_one_pass_gives_both_heads_and_the_separate_passes_numbers():
+    from test_imf import batch_inputs, two_head_mlp
+
+    from meanflow.objectives import ImprovedMeanFlow
+
+    model = two_head_mlp()
+    inputs = batch_inputs()
+    objective = ImprovedMeanFlow(num_classes=3)
+
+    def run(wrapper):
+        model.zero_grad(set_to_none=True)
+        terms = objective.prediction_and_target(wrapper, *inputs)
+        loss = objective.loss_output(terms, inputs[1] - inputs[0], inputs[2], inputs[3]).loss
+        loss.backward()
+        return terms, loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    one_pass, separate = Census(model), Census(model, explicit=False)
+    one_pass.auxiliary_velocity = separate.auxiliary_velocity = True
+    (terms_a, loss_a, grads_a), (terms_b, loss_b, grads_b) = run(one_pass), run(separate)
+    for name in ("u", "V", "v", "target"):
+        torch.testing.assert_close(getattr(terms_a, name).detach(), getattr(terms_b, name).detach(),
+                                   rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-13)
+    for grad_a, grad_b in zip(grads_a, grads_b):
+        torch.testing.assert_close(grad_a, grad_b, rtol=1e-10, atol=1e-12)
+    r, t = inputs[2], inputs[3]
+    moving = int((r < t).sum())
+    assert one_pass.calls[-1] == (len(r), moving, True) and len(one_pass.calls) == 2

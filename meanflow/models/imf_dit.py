@@ -458,14 +458,13 @@ class ImfDiT(AverageVelocityNetwork):
             conditions: a Conditions record with ``labels`` (B,) int64 in ``[0, num_classes]``,
                 ``guidance_scale`` (B,) omega > 0 and ``guidance_interval`` (B, 2) [t_min, t_max].
             tangent: a direction (dz, dr, dt) of the leading M <= B rows; when given, the call runs
-                :meth:`forward_with_tangent` and returns ``ModelOutput(u, du)``, ``v`` None.
+                :meth:`forward_with_tangent` and returns ``ModelOutput(u, v, du)``.
         Returns:
             ModelOutput with ``u`` and ``v``, (B, C, H, W) each (``v`` None without the head), or
             with a tangent ``u`` and its derivative ``du`` along it.
         """
         if tangent is not None:
-            u, du = self.forward_with_tangent(z, r, t, conditions, tangent.dz, tangent.dr, tangent.dt)
-            return ModelOutput(u=u, du=du)
+            return self.forward_with_tangent(z, r, t, conditions, tangent.dz, tangent.dr, tangent.dt)
         config = self.config
         y, omega, interval = self._read_conditions(conditions, z)
         prefix = config.prefix_tokens
@@ -490,15 +489,16 @@ class ImfDiT(AverageVelocityNetwork):
         return ModelOutput(u=u, v=v)
 
     def forward_with_tangent(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike, dz: Tensor,
-                             dr: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
-        """(u, du): u of :meth:`forward` over the batch and the derivative of its leading M rows
-        along (dz, dr, dt), by hand, in one pass (see :mod:`meanflow.models.tangent`).
+                             dr: Tensor, dt: Tensor) -> ModelOutput:
+        """(u, v, du): :meth:`forward`'s outputs over the batch and the derivative of u's leading M
+        rows along (dz, dr, dt), by hand, in one pass (see :mod:`meanflow.models.tangent`).
 
         With the tangent (v_c, 0, 1) it is du/dt of F-2, what ``torch.func.jvp`` of the ``u`` head
         gives. Only ``z`` and ``h = t - r`` move (module docstring): the patch tokens by the patch
         embedding of ``dz``, the time tokens by the tangent of the ``h`` embedding along
-        ``dt - dr``; the class, omega and interval tokens are constant. Runs the trunk and the
-        ``u`` head; ``u`` is recorded by autograd like :meth:`forward`'s, ``du`` has no gradient.
+        ``dt - dr``; the class, omega and interval tokens are constant. ``u`` and ``v`` (the
+        auxiliary head, which needs no tangent: iMF differentiates u alone) are recorded by autograd
+        like :meth:`forward`'s; ``du`` has no gradient.
         It reads the blocks' weights directly, so an FSDP2-sharded model differentiates through
         ``torch.func.jvp`` instead (:func:`meanflow.jvp.one_pass_tangent`).
 
@@ -507,7 +507,7 @@ class ImfDiT(AverageVelocityNetwork):
             r, t: (B,) the times; dr, dt: (M,) their tangents.
             conditions: as in :meth:`forward` (constant along the tangent).
         Returns:
-            u: (B, C, H, W); du: (M, C, H, W).
+            ModelOutput: u, v (B, C, H, W) each (v None without the head); du (M, C, H, W).
         """
         config = self.config
         y, omega, interval = self._read_conditions(conditions, z)
@@ -524,10 +524,18 @@ class ImfDiT(AverageVelocityNetwork):
             dseq[:, constant:prefix] = de_h[:, None, :]  # the time tokens move with h
             dseq[:, prefix:] = dx
         cos, sin = self.rope_cos, self.rope_sin
-        for block in (*self.shared_blocks, *self.u_heads):
+        for block in self.shared_blocks:
             seq, dseq = block.forward_with_tangent(seq, dseq, cos, sin)  # (B, P + N, D), (M, P + N, D)
+        v = None
+        if config.auxiliary_head:
+            trunk = seq
+            for block in self.v_heads:
+                trunk = block(trunk, cos, sin)
+            v = self._unpatchify(self.v_final_layer(trunk[:, prefix:]))  # (B, C, H, W)
+        for block in self.u_heads:
+            seq, dseq = block.forward_with_tangent(seq, dseq, cos, sin)
         x, dx = self.u_final_layer.forward_with_tangent(seq[:, prefix:], dseq[:, prefix:])  # (n, N, p * p * C)
-        return self._unpatchify(x), self._unpatchify(dx)
+        return ModelOutput(u=self._unpatchify(x), v=v, du=self._unpatchify(dx))
 
     def _condition_tokens(self, y: Tensor, omega: Tensor, interval: Tensor, h_embedding: Tensor) -> list[Tensor]:
         """The conditioning tokens, each learned base plus its condition's embedding, in the official

@@ -67,9 +67,8 @@ class MLP(AverageVelocityNetwork):
     [1, inf) to [0, 1)); with ``auxiliary_velocity`` a second small head reads the same trunk and
     the call returns ``ModelOutput(u, v)``, v an instantaneous velocity (zero at start too).
 
-    Called with ``tangent=Tangent(dz, dr, dt)`` it returns ``ModelOutput(u, du)`` (``v`` None: the
-    velocity head does not feed ``u``), computed by hand, primal and tangent through one GEMM per
-    linear layer.
+    Called with ``tangent=Tangent(dz, dr, dt)`` for its leading rows it returns ``ModelOutput(u, v,
+    du)`` in one pass (:meth:`forward_with_tangent`).
     """
 
     @property
@@ -119,11 +118,10 @@ class MLP(AverageVelocityNetwork):
         """z: (B, D); r, t: (B,); conditions: labels (B,), a Conditions record or None.
 
         Returns u (B, D), or ``ModelOutput(u, v)`` (each (B, D)) with ``auxiliary_velocity``; with a
-        ``tangent`` (dz, dr, dt), ``ModelOutput(u, du)`` from :meth:`forward_with_tangent`.
+        ``tangent`` (dz, dr, dt) of the leading rows, ``ModelOutput(u, v, du)`` from :meth:`forward_with_tangent`.
         """
         if tangent is not None:
-            u, du = self.forward_with_tangent(z, r, t, conditions, tangent.dz, tangent.dr, tangent.dt)
-            return ModelOutput(u=u, du=du)
+            return self.forward_with_tangent(z, r, t, conditions, tangent.dz, tangent.dr, tangent.dt)
         c = self.conditioning(r, t, self.read_labels(conditions))  # (B, W)
         if self.guidance_embedders:
             c = c + self._guidance_embedding(as_conditions(conditions))  # (B, W)
@@ -140,12 +138,13 @@ class MLP(AverageVelocityNetwork):
         return ModelOutput(u=u, v=self.velocity_head(h))  # v: (B, D)
 
     def forward_with_tangent(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike, dz: Tensor,
-                             dr: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
-        """(u, du): u of :meth:`forward` over the batch and the derivative of its leading M rows
-        along (dz, dr, dt), in one pass (see :mod:`meanflow.models.tangent`).
+                             dr: Tensor, dt: Tensor) -> ModelOutput:
+        """(u, v, du): :meth:`forward`'s outputs over the batch and the derivative of u's leading
+        M rows along (dz, dr, dt), in one pass (see :mod:`meanflow.models.tangent`).
 
-        ``u`` is recorded by autograd as in :meth:`forward` (the same ops, so the same values);
-        ``du`` is computed without gradient. The conditioning vector moves through embed(t) and
+        ``u`` and ``v`` (the auxiliary head, None without one; it needs no tangent) are recorded
+        by autograd as in :meth:`forward` (the same ops, so the same values); ``du`` is computed
+        without gradient. The conditioning vector moves through embed(t) and
         embed(t - r) (by dt and dt - dr); the label and guidance embeddings are constant. With
         (v, 0, 1) this is d/dt u of Eq. 5. It reads the layers' weights directly, so an FSDP2-sharded
         MLP differentiates through ``torch.func.jvp`` instead (:func:`meanflow.jvp.one_pass_tangent`).
@@ -155,7 +154,7 @@ class MLP(AverageVelocityNetwork):
             r, t: (B,) the times; dr, dt: (M,) their tangents.
             conditions: as in :meth:`forward`.
         Returns:
-            u: (B, D); du: (M, D).
+            ModelOutput: u, v (B, D) each (v None without the head); du (M, D).
         """
         check_tangent_rows(z, dz, dr, dt)
         labels = self.read_labels(conditions)
@@ -174,8 +173,10 @@ class MLP(AverageVelocityNetwork):
             a, da = silu_with_tangent(a, da)
             a, da = linear_with_tangent(a, da, block[1].weight, block[1].bias)
             h, dh = h + a, dh + da  # (B, W) residual
+        v = None if self.velocity_head is None else self.velocity_head(h)  # (B, D)
         h, dh = silu_with_tangent(h, dh)
-        return linear_with_tangent(h, dh, self.output[1].weight, self.output[1].bias)  # (B, D), (M, D)
+        u, du = linear_with_tangent(h, dh, self.output[1].weight, self.output[1].bias)  # (B, D), (M, D)
+        return ModelOutput(u=u, v=v, du=du)
 
     def _guidance_embedding(self, conditions) -> Tensor:
         """embed(1 - 1/omega) + embed(t_min) + embed(t_max). -> (B, W)"""

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..conditions import GUIDANCE_INTERVAL, GUIDANCE_SCALE, Conditions, as_output
 from ..conventions import at_least_fp32, autocast_off, broadcast_like, interpolate, null_class_id
-from ..jvp import Derivative, finite_difference_along_flow, tangent_along_flow
+from ..jvp import Derivative, finite_difference_along_flow, one_pass_along_flow, one_pass_tangent, tangent_along_flow
 from ..samplers import ImfSampler, Sampler
 from ..validation import check_number, check_positive, parse_enum
 from ..wrappers import is_data_parallel, unwrap
@@ -274,6 +274,12 @@ class ImprovedMeanFlow(NoiseTimeObjective):
         v_c, v_g = self.guided_velocity(model, z, t, v, labels, omega, interval, dropped, moving)
         if self.derivative is Derivative.JVP:
             u, v_theta, dudt = self._single_pass(model, z, r, t, inputs, v_c, moving)
+        elif (self.derivative is Derivative.TWO_PASS and one_pass_tangent(model)
+              and not torch.is_autocast_enabled(z.device.type)):
+            # One call: both heads with gradient and the no-grad tangent of the moving rows
+            # (meanflow.jvp; under autocast the tangent runs apart in fp32, spec section 8).
+            out, dudt = one_pass_along_flow(model, z, r, t, inputs, v_c, moving)
+            u, v_theta = out.u, out.v
         else:
             dudt = self._derivative_without_grad(model, z, r, t, inputs, v_c, moving)
             out = as_output(model(z, r, t, inputs))  # the one gradient forward, through any wrapper

@@ -31,9 +31,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..conditions import Tangent, average_velocity
+from ..conditions import average_velocity
 from ..conventions import at_least_fp32, autocast_off, broadcast_like, interpolate, null_class_id
-from ..jvp import Derivative, finite_difference_along_flow, jvp_along_flow, one_pass_tangent, tangent_along_flow
+from ..jvp import (Derivative, finite_difference_along_flow, jvp_along_flow, one_pass_along_flow, one_pass_tangent,
+                   tangent_along_flow)
 from ..samplers import AverageVelocitySampler, Sampler
 from ..validation import check_fraction, check_number, check_positive, parse_enum
 from ..wrappers import is_data_parallel, unwrap
@@ -286,7 +287,8 @@ class MeanFlow(NoiseTimeObjective):
         elif self.derivative is Derivative.TWO_PASS and one_pass_tangent(model) and not low_precision:
             # One pass needs the primal's intermediate values in fp32; under autocast the tangent
             # runs apart, in fp32, as below.
-            u, dudt = self._one_pass(model, z, r, t, labels, v_hat, moving)
+            out, dudt = one_pass_along_flow(model, z, r, t, labels, at_least_fp32(v_hat[moving]), moving)
+            u = out.u
         else:
             dudt = self._derivative_without_grad(model, z, r, t, labels, v_hat, moving)
             u = average_velocity(model(z, r, t, labels))  # (B, ...) the one gradient forward, through any wrapper
@@ -306,25 +308,6 @@ class MeanFlow(NoiseTimeObjective):
         """v_hat (Eq. 9-10) where guidance applies (label kept, t in the interval), else v
         (:func:`meanflow.objectives.guidance.guided_target_velocity`, which SplitMeanFlow shares)."""
         return guided_target_velocity(model, self.guidance, self.num_classes, z, t, v, labels)
-
-    def _one_pass(
-        self, model: nn.Module, z: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor], v_hat: Tensor, moving: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """u for the whole batch with gradient and du/dt for the ``moving`` rows without, from ONE
-        call of ``model`` (through its DDP / compile wrapper): the network's explicit tangent of
-        the leading rows rides on the gradient forward, reusing its intermediate values.
-
-        The batch is reordered so the moving rows lead, and u is put back in batch order. -> u
-        (B, ...), du/dt (M, ...)
-        """
-        rows = moving.numel()
-        if rows == 0:
-            return average_velocity(model(z, r, t, labels)), z.new_zeros((0, *z.shape[1:]))
-        order = torch.cat([moving, (r == t).nonzero().squeeze(1)])  # moving rows first
-        direction = at_least_fp32(v_hat[moving])
-        tangent = Tangent(direction, direction.new_zeros(rows), direction.new_ones(rows))  # (v_hat, 0, 1), Eq. 5
-        out = model(z[order], r[order], t[order], None if labels is None else labels[order], tangent=tangent)
-        return average_velocity(out)[order.argsort()], out.du
 
     def _single_pass(
         self, model: nn.Module, z: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor], v_hat: Tensor, moving: Tensor
