@@ -416,3 +416,30 @@ def test_forward_with_tangent_is_a_jvp_in_its_definition():
         difference = (model(z + h * v, r, t + h, y) - model(z - h * v, r, t - h, y)) / (2 * h)
     assert dudt.abs().mean() > 1e-2
     torch.testing.assert_close(dudt, difference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tokens,key_block", [(6, 4), (9, 2), (7, 16), (130, 32)])
+def test_blockwise_attention_tangent_equals_the_dense_one(tokens, key_block):
+    # Key blocks that do not divide N, one block wider than N, and a long sequence.
+    q, dq, k, dk, v, dv = (2 * randn(2, 3, tokens, 4, seed=seed) for seed in range(6))
+    dense = tangent.attention_tangent_dense(q, dq, k, dk, v, dv)
+    streamed = tangent.attention_tangent_blockwise(q, dq, k, dk, v, dv, key_block=key_block)
+    torch.testing.assert_close(streamed, dense, rtol=1e-12, atol=1e-12)
+    _, reference = jvp(math_attention, [q, k, v], [dq, dk, dv])
+    torch.testing.assert_close(streamed, reference, **TOLERANCE)
+    # Through the layer function: forced by key_block, and chosen by length from BLOCKWISE_TOKENS on.
+    _, forced = tangent.attention_with_tangent(q, dq[:1], k, dk[:1], v, dv[:1], key_block=key_block)
+    torch.testing.assert_close(forced, dense[:1], rtol=1e-12, atol=1e-12)
+
+
+def test_blockwise_attention_is_chosen_above_its_length_and_survives_large_scores(monkeypatch):
+    q, dq, k, dk, v, dv = (randn(1, 2, 40, 4, seed=seed) for seed in range(6))
+    q = 60 * q  # scores far beyond exp's range without the running max
+    calls = []
+    real = tangent.attention_tangent_blockwise
+    monkeypatch.setattr(tangent, "attention_tangent_blockwise", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(tangent, "BLOCKWISE_TOKENS", 32)
+    monkeypatch.setattr(tangent, "KEY_BLOCK", 8)  # 5 blocks: the running max rescales across them
+    _, streamed = tangent.attention_with_tangent(q, dq, k, dk, v, dv)
+    assert calls == [{"key_block": 8}] and torch.isfinite(streamed).all()
+    torch.testing.assert_close(streamed, tangent.attention_tangent_dense(q, dq, k, dk, v, dv), rtol=1e-10, atol=1e-10)

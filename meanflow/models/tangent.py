@@ -231,24 +231,32 @@ def linear_map_with_tangent(x: Tensor, dx: MaybeTensor, linear_map: Callable[[Te
         return y, linear_map(dx)
 
 
+BLOCKWISE_TOKENS = 512
+"""From this many tokens on, the attention tangent streams over key blocks (O(N) memory)."""
+KEY_BLOCK = 128
+"""The keys per block of the streaming attention tangent."""
+
+
 def attention_with_tangent(q: Tensor, dq: MaybeTensor, k: Tensor, dk: MaybeTensor, v: Tensor,
-                           dv: MaybeTensor) -> tuple:
+                           dv: MaybeTensor, key_block: Optional[int] = None) -> tuple:
     """Softmax attention ``O = softmax(scale Q K^T) V`` and its tangent, scale = d^-1/2.
 
     The primal is :func:`~meanflow.models.attention.attention` (the fused kernel). The tangent
-    recomputes the probabilities of the leading rows (the fused kernel keeps none), S = scale Q K^T
-    and P = softmax(S), then
+    recomputes the probabilities of the leading rows (the fused kernel keeps none): with
+    S = scale Q K^T and P = softmax(S),
 
         dS = scale (dQ K^T + Q dK^T)
         dP = P * (dS - rowsum(P * dS))     (the softmax Jacobian, symmetric)
         dO = dP V + P dV
 
-    each sum of two products one batched GEMM over a doubled contraction axis:
-    ``[Q | dQ] [dK | K]^T`` (features) and ``[dP | P] [V; dV]`` (keys). It materialises the
-    (N, N) scores of the M rows.
+    Up to ``BLOCKWISE_TOKENS`` tokens it materialises the (N, N) scores of its M rows
+    (:func:`attention_tangent_dense`); from there on, or with ``key_block`` given, it streams over
+    blocks of keys with an online softmax and never holds more than (N, key_block) scores
+    (:func:`attention_tangent_blockwise`).
 
     Args:
         q, k, v: (B, ..., N, d) queries, keys, values (e.g. (B, H, N, d)); dq, dk, dv: (M, ..., N, d) or None.
+        key_block: force the streaming path with this many keys per block (None: by length).
     Returns:
         o: (B, ..., N, d); do: (M, ..., N, d) or None.
     """
@@ -256,20 +264,71 @@ def attention_with_tangent(q: Tensor, dq: MaybeTensor, k: Tensor, dk: MaybeTenso
     if dq is None:
         return o, None
     with _TangentMode(dq):
-        q, k, v = lead(q, dq), lead(k, dq), lead(v, dq)
-        *batch, tokens, width = q.shape
-        groups = math.prod(batch)  # G
-        scale = width**-0.5
-        qq = torch.cat([q, dq], dim=-1).view(groups, tokens, 2 * width)  # (G, N, 2d): [Q | dQ]
-        kk = torch.cat([dk, k], dim=-1).view(groups, tokens, 2 * width)  # (G, N, 2d): [dK | K]
-        vv = torch.cat([v, dv], dim=-2).view(groups, 2 * tokens, width)  # (G, 2N, d): [V; dV]
-        unused = q.new_zeros(())  # beta = 0: baddbmm only for alpha, which fuses the scale into the GEMM
-        scores = torch.baddbmm(unused, qq[..., :width], kk[..., width:].transpose(1, 2), beta=0, alpha=scale)
-        dscores = torch.baddbmm(unused, qq, kk.transpose(1, 2), beta=0, alpha=scale)  # (G, N, N) each
-        p = torch.softmax(scores, dim=-1)
-        dp = _aten._softmax_backward_data(dscores, p, -1, p.dtype)  # symmetric Jacobian: backward = tangent
-        do = torch.bmm(torch.cat([dp, p], dim=-1), vv)  # (G, N, d): dP V + P dV
-    return o, do.view(*batch, tokens, width)
+        rows = (lead(q, dq), dq, lead(k, dq), dk, lead(v, dq), dv)
+        tokens = q.shape[-2]
+        if key_block is None and tokens < BLOCKWISE_TOKENS:
+            return o, attention_tangent_dense(*rows)
+        return o, attention_tangent_blockwise(*rows, key_block=key_block or KEY_BLOCK)
+
+
+def attention_tangent_dense(q: Tensor, dq: Tensor, k: Tensor, dk: Tensor, v: Tensor, dv: Tensor) -> Tensor:
+    """dO of softmax attention with the (N, N) scores materialised. Inputs (..., N, d) -> (..., N, d).
+
+    Each sum of two products is one batched GEMM over a doubled contraction axis:
+    ``[Q | dQ] [dK | K]^T = Q dK^T + dQ K^T`` (features) and ``[dP | P] [V; dV] = dP V + P dV`` (keys).
+    """
+    *batch, tokens, width = q.shape
+    groups = math.prod(batch)  # G
+    scale = width**-0.5
+    qq = torch.cat([q, dq], dim=-1).view(groups, tokens, 2 * width)  # (G, N, 2d): [Q | dQ]
+    kk = torch.cat([dk, k], dim=-1).view(groups, tokens, 2 * width)  # (G, N, 2d): [dK | K]
+    vv = torch.cat([v, dv], dim=-2).view(groups, 2 * tokens, width)  # (G, 2N, d): [V; dV]
+    unused = q.new_zeros(())  # beta = 0: baddbmm only for alpha, which fuses the scale into the GEMM
+    scores = torch.baddbmm(unused, qq[..., :width], kk[..., width:].transpose(1, 2), beta=0, alpha=scale)
+    dscores = torch.baddbmm(unused, qq, kk.transpose(1, 2), beta=0, alpha=scale)  # (G, N, N) each
+    p = torch.softmax(scores, dim=-1)
+    dp = _aten._softmax_backward_data(dscores, p, -1, p.dtype)  # symmetric Jacobian: backward = tangent
+    return torch.bmm(torch.cat([dp, p], dim=-1), vv).view(*batch, tokens, width)  # dP V + P dV
+
+
+def attention_tangent_blockwise(q: Tensor, dq: Tensor, k: Tensor, dk: Tensor, v: Tensor, dv: Tensor,
+                                key_block: int = KEY_BLOCK) -> Tensor:
+    """dO of softmax attention streamed over blocks of keys: O(N * key_block) memory, not O(N^2).
+
+    With c_i = sum_j P_ij dS_ij, the tangent of row i is
+
+        dO_i = sum_j P_ij dS_ij V_j + sum_j P_ij dV_j - c_i O_i,
+
+    every term a P-weighted sum over keys. An online softmax (running max m_i, normaliser
+    l_i = sum_j exp(S_ij - m_i)) accumulates the unnormalised sums O~, D~ = sum e (dS V + dV) and
+    C~ = sum e dS block by block, rescaling them by exp(m_old - m_new) when the max grows; at the
+    end O = O~ / l, c = C~ / l and dO = D~ / l - c O. Inputs (..., N, d) -> (..., N, d).
+    """
+    *batch, tokens, width = q.shape
+    groups = math.prod(batch)
+    scale = width**-0.5
+    q, dq, k, dk, v, dv = (part.reshape(groups, tokens, width) for part in (q, dq, k, dk, v, dv))
+    qq = torch.cat([q, dq], dim=-1)  # (G, N, 2d): [Q | dQ]
+    running_max = q.new_full((groups, tokens, 1), -math.inf)
+    normaliser = q.new_zeros((groups, tokens, 1))
+    out, dout = torch.zeros_like(q), torch.zeros_like(q)  # O~ and D~
+    along = q.new_zeros((groups, tokens, 1))  # C~
+    for start in range(0, tokens, key_block):
+        keys = slice(start, start + key_block)
+        kk = torch.cat([dk[:, keys], k[:, keys]], dim=-1)  # (G, n, 2d): [dK | K]
+        scores = torch.bmm(q, k[:, keys].transpose(1, 2)).mul_(scale)  # (G, N, n)
+        dscores = torch.bmm(qq, kk.transpose(1, 2)).mul_(scale)  # dQ K^T + Q dK^T
+        block_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
+        rescale = torch.exp(running_max - block_max)  # 0 on the first block (exp(-inf))
+        weights = torch.exp(scores - block_max)  # (G, N, n)
+        weighted = weights * dscores
+        normaliser = normaliser * rescale + weights.sum(dim=-1, keepdim=True)
+        along = along * rescale + weighted.sum(dim=-1, keepdim=True)
+        out = torch.baddbmm(out * rescale, weights, v[:, keys])
+        dout = torch.baddbmm(torch.baddbmm(dout * rescale, weighted, v[:, keys]), weights, dv[:, keys])
+        running_max = block_max
+    out, dout, along = out / normaliser, dout / normaliser, along / normaliser
+    return (dout - along * out).view(*batch, tokens, width)
 
 
 def sinusoidal_embedding_with_tangent(values: Tensor, dvalues: MaybeTensor, dim: int,
