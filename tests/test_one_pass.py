@@ -17,6 +17,7 @@ from torch import nn
 from meanflow.conventions import interpolate
 from meanflow.models.dit import DiT, DiTConfig
 from meanflow.models.mlp import MLP, MLPConfig
+from meanflow.models.unet import UNet, UNetConfig
 from meanflow.objectives import MeanFlow, TrainingGuidance
 from meanflow.objectives.guidance import GuidedVelocity, guided_target_velocity
 
@@ -63,8 +64,19 @@ def mlp() -> MLP:
     return model
 
 
+def unet() -> UNet:
+    torch.manual_seed(2)
+    model = UNet(UNetConfig(input_size=4, in_channels=2, base_channels=8, channel_multipliers=(1, 1),
+                            num_res_blocks=1, attention_resolutions=(2,), num_classes=CLASSES,
+                            frequency_size=8)).double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
 def batch(model: nn.Module, size: int = 12, seed: int = 3):
-    shape = (2, 4, 4) if isinstance(model, DiT) else (3,)
+    shape = (3,) if isinstance(model, MLP) else (2, 4, 4)
     g = torch.Generator().manual_seed(seed)
     x, e = torch.randn(2, size, *shape, generator=g, dtype=F64)
     r, t = times(size, seed=seed, equal_every=3)
@@ -101,7 +113,7 @@ def test_deferred_conditional_predictions_give_the_same_bits(guidance):
     assert torch.equal(split.v_hat[final], expected[final])
 
 
-@pytest.mark.parametrize("network", [dit, mlp], ids=["dit", "mlp"])
+@pytest.mark.parametrize("network", [dit, mlp, unet], ids=["dit", "mlp", "unet"])
 @pytest.mark.parametrize("guidance", sorted(GUIDANCE))
 def test_one_pass_target_loss_and_gradient_equal_the_separate_passes(network, guidance):
     model = network()

@@ -164,6 +164,68 @@ def gated_residual_with_tangent(x: Tensor, dx: MaybeTensor, branch: Tensor, dbra
     return y, dy
 
 
+def conv2d_with_tangent(x: Tensor, dx: MaybeTensor, weight: Tensor, bias: MaybeTensor, padding: int = 0) -> tuple:
+    """A stride-1 convolution ``y = conv(x, W) + b`` and its tangent ``dy = conv(dx, W)``.
+
+    Args:
+        x: (B, C_in, H, W); dx: (M, C_in, H, W) or None. weight: (C_out, C_in, k, k); bias: (C_out,) or None.
+    Returns:
+        y: (B, C_out, H', W'); dy: (M, C_out, H', W') or None.
+    """
+    y = F.conv2d(x, weight, bias, 1, padding)
+    if dx is None:
+        return y, None
+    with _TangentMode(dx):
+        return y, F.conv2d(dx, weight.to(dx.dtype), None, 1, padding)
+
+
+def group_norm_with_tangent(x: Tensor, dx: MaybeTensor, groups: int, weight: Tensor, bias: Tensor,
+                            eps: float) -> tuple:
+    """GroupNorm ``y = gamma * x_hat + beta`` (x_hat normalised per sample and group) and its tangent.
+
+    ``dy = gamma * rstd * (dx - mean(dx) - x_hat * mean(x_hat * dx))`` per group: the normalisation's
+    Jacobian is symmetric, so the fused backward kernel without affine weights computes it from the
+    group statistics, and gamma scales the result (the constant beta has no tangent).
+
+    Args:
+        x: (B, C, H, W); dx: (M, C, H, W) or None. groups: G, dividing C; weight, bias: (C,); eps: as in nn.GroupNorm.
+    Returns:
+        y: (B, C, H, W); dy: (M, C, H, W) or None.
+    """
+    y = F.group_norm(x, groups, weight, bias, eps)
+    if dx is None:
+        return y, None
+    with _TangentMode(dx):
+        rows = lead(x, dx)
+        batch, channels = rows.shape[:2]
+        spatial = rows[0, 0].numel()
+        _, mean, rstd = torch.native_group_norm(rows, None, None, batch, channels, spatial, groups, eps)
+        normalised = _aten.native_group_norm_backward(dx, rows, mean, rstd, None, batch, channels, spatial, groups,
+                                                      [True, False, False])[0]
+        return y, normalised * weight.to(dx.dtype)[:, None, None]
+
+
+def dropout_with_tangent(x: Tensor, dx: MaybeTensor, probability: float, training: bool) -> tuple:
+    """Dropout and its tangent through the SAME mask: ``y = x * m``, ``dy = dx * m``, m = keep / (1 - p).
+
+    The mask is drawn as ATen's CPU dropout draws it (``bernoulli_(1 - p)``, divided by 1 - p), so
+    on a CPU the plain forward matches ``F.dropout`` bit for bit under the same seed.
+
+    Args:
+        x: (B, ...); dx: (M, ...) or None. probability: p in [0, 1); training: False is the identity.
+    Returns:
+        y: (B, ...); dy: (M, ...) or None.
+    """
+    if not training or probability == 0.0:
+        return x, dx
+    mask = torch.empty_like(x).bernoulli_(1.0 - probability).div_(1.0 - probability)
+    y = x * mask
+    if dx is None:
+        return y, None
+    with _TangentMode(dx):
+        return y, dx * lead(mask, dx)
+
+
 def rms_norm_with_tangent(x: Tensor, dx: MaybeTensor, weight: MaybeTensor, eps: float) -> tuple:
     """RMSNorm over the last dimension and its tangent; also the per-head QK-norm of attention.
 

@@ -50,10 +50,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..conditions import ConditionsLike
-from .attention import attention
+from ..conditions import ConditionsLike, ModelOutput, Tangent, check_tangent_rows
 from .base import AverageVelocityNetwork, ConfigRecord
 from .embeddings import LabelEmbedder, ScalarEmbedder
+from .tangent import (
+    attention_with_tangent,
+    conv2d_with_tangent,
+    dropout_with_tangent,
+    group_norm_with_tangent,
+    linear_map_with_tangent,
+    linear_with_tangent,
+    silu_with_tangent,
+)
 
 _SKIP_SCALE = 1.0 / math.sqrt(2.0)
 _MAX_GROUPS = 32
@@ -194,19 +202,34 @@ class ResidualBlock(nn.Module):
         # A 1x1 conv matches widths on the skip path; identity when they agree.
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def _resample(self, x: Tensor) -> Tensor:
+    def _resample(self, x: Tensor, dx: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if self.resample == "down":
-            return F.avg_pool2d(x, 2)
+            return linear_map_with_tangent(x, dx, lambda a: F.avg_pool2d(a, 2))
         if self.resample == "up":
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return x
+            return linear_map_with_tangent(x, dx, lambda a: F.interpolate(a, scale_factor=2.0, mode="nearest"))
+        return x, dx
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        h = F.silu(self.norm1(x))  # (B, C_in, H, W)
-        h = self.conv1(self._resample(h))  # (B, C_out, H', W')
-        h = h + self.embedding_projection(F.silu(c))[:, :, None, None]  # (B, C_out, H', W'), per-channel bias
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, C_out, H', W')
-        return (self.skip(self._resample(x)) + h) * _SKIP_SCALE
+    def forward(self, x: Tensor, c: Tensor, dx: Tensor | None = None,
+                dc: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x: (B, C_in, H, W), c: (B, E); dx (M, C_in, H, W), dc (M, E): the tangent of the leading
+        rows, or None -> (B, C_out, H', W') and its tangent (M, C_out, H', W') or None."""
+        norm1, norm2 = self.norm1, self.norm2
+        h, dh = group_norm_with_tangent(x, dx, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps)
+        h, dh = silu_with_tangent(h, dh)  # (B, C_in, H, W)
+        h, dh = conv2d_with_tangent(*self._resample(h, dh), self.conv1.weight, self.conv1.bias, padding=1)
+        e, de = silu_with_tangent(c, dc)
+        e, de = linear_with_tangent(e, de, self.embedding_projection.weight, self.embedding_projection.bias)
+        h = h + e[:, :, None, None]  # (B, C_out, H', W'), a per-channel bias
+        dh = None if dh is None else dh + de[:, :, None, None]
+        h, dh = group_norm_with_tangent(h, dh, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps)
+        h, dh = silu_with_tangent(h, dh)
+        h, dh = dropout_with_tangent(h, dh, self.dropout.p, self.training)
+        h, dh = conv2d_with_tangent(h, dh, self.conv2.weight, self.conv2.bias, padding=1)  # (B, C_out, H', W')
+        skip, dskip = self._resample(x, dx)
+        if isinstance(self.skip, nn.Conv2d):
+            skip, dskip = conv2d_with_tangent(skip, dskip, self.skip.weight, self.skip.bias)
+        out = (skip + h) * _SKIP_SCALE
+        return out, None if dx is None else (dskip + dh) * _SKIP_SCALE
 
 
 class AttentionBlock(nn.Module):
@@ -223,14 +246,27 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
-        qkv = qkv.reshape(B, 3, self.num_heads, C // self.num_heads, H * W)  # (B, 3, heads, D, N)
-        q, k, v = qkv.transpose(-2, -1).unbind(dim=1)  # 3 x (B, heads, N, D)
-        h = attention(q, k, v)  # (B, heads, N, D)
-        h = h.transpose(-2, -1).reshape(B, C, H, W)  # (B, C, H, W)
-        return (x + self.proj(h)) * _SKIP_SCALE
+    def forward(self, x: Tensor, dx: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x: (B, C, H, W), dx: (M, C, H, W) or None -> the output and its tangent (or None)."""
+        channels, height, width = x.shape[1:]
+        heads = self.num_heads
+
+        def split(qkv: Tensor | None):  # (n, 3C, H, W) -> 3 x (n, heads, N, D)
+            if qkv is None:
+                return None, None, None
+            qkv = qkv.reshape(qkv.shape[0], 3, heads, channels // heads, height * width)  # (n, 3, heads, D, N)
+            return qkv.transpose(-2, -1).unbind(dim=1)
+
+        def merge(h: Tensor | None) -> Tensor | None:  # (n, heads, N, D) -> (n, C, H, W)
+            return None if h is None else h.transpose(-2, -1).reshape(h.shape[0], channels, height, width)
+
+        norm = self.norm
+        h, dh = group_norm_with_tangent(x, dx, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        qkv, dqkv = conv2d_with_tangent(h, dh, self.qkv.weight, self.qkv.bias)  # (B, 3C, H, W)
+        (q, k, v), (dq, dk, dv) = split(qkv), split(dqkv)
+        h, dh = attention_with_tangent(q, dq, k, dk, v, dv)  # (B, heads, N, D)
+        h, dh = conv2d_with_tangent(merge(h), merge(dh), self.proj.weight, self.proj.bias)
+        return (x + h) * _SKIP_SCALE, None if dx is None else (dx + dh) * _SKIP_SCALE
 
 
 class UNetConditioning(nn.Module):
@@ -249,10 +285,18 @@ class UNetConditioning(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * config.base_channels, width), nn.SiLU(), nn.Linear(width, width))
         self.label_embedder = LabelEmbedder(config.num_classes, width) if config.num_classes else None
 
-    def forward(self, r: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        """r, t: (B,); y: (B,) int64 in [0, num_classes] or None -> (B, embedding_size)."""
-        times = torch.cat([self.t_embedder(t), self.gap_embedder(t - r)], dim=-1)  # (B, 2 * base)
-        c = self.mlp(times)  # (B, width)
+    def forward(self, r: Tensor, t: Tensor, y: Tensor | None, dr: Tensor | None = None,
+                dt: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """r, t: (B,); y: (B,) int64 in [0, num_classes] or None; dr, dt: (M,) the tangent of the
+        leading rows' times, or None -> (B, embedding_size) and its tangent (M, embedding_size) or None.
+        The label embedding is constant."""
+        e_t, de_t = self.t_embedder.forward_with_tangent(t, dt)
+        e_gap, de_gap = self.gap_embedder.forward_with_tangent(t - r, None if dt is None else dt - dr)
+        times = torch.cat([e_t, e_gap], dim=-1)  # (B, 2 * base)
+        dtimes = None if dt is None else torch.cat([de_t, de_gap], dim=-1)
+        first, last = self.mlp[0], self.mlp[2]
+        c, dc = linear_with_tangent(*silu_with_tangent(*linear_with_tangent(times, dtimes, first.weight, first.bias)),
+                                    last.weight, last.bias)  # (B, width)
         if self.label_embedder is not None:
             if y is None:
                 raise ValueError(
@@ -264,7 +308,7 @@ class UNetConditioning(nn.Module):
             c = c + self.label_embedder(y)  # (B, width)
         elif y is not None:
             raise ValueError("this model is unconditional (num_classes=None) but labels y were given")
-        return c
+        return c, dc
 
 
 class UNet(AverageVelocityNetwork):
@@ -326,30 +370,64 @@ class UNet(AverageVelocityNetwork):
         nn.init.zeros_(self.output_conv.weight)
         nn.init.zeros_(self.output_conv.bias)
 
-    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None) -> Tensor:
-        """Average velocity. z: (B, C, H, W); r, t: (B,); conditions: labels (B,) or None -> (B, C, H, W)."""
+    @property
+    def explicit_tangent(self) -> bool:
+        """True for this class: :meth:`forward_with_tangent` differentiates :meth:`forward`. False for
+        a subclass that overrides ``forward``, which the objectives differentiate with torch.func.jvp."""
+        return type(self).forward is UNet.forward
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, conditions: ConditionsLike = None,
+                tangent: Tangent | None = None) -> Tensor | ModelOutput:
+        """Average velocity. z: (B, C, H, W); r, t: (B,); conditions: labels (B,) or None -> (B, C, H, W).
+
+        With ``tangent`` (dz, dr, dt) of the leading M rows: ``ModelOutput(u, du)``, du (M, C, H, W)
+        computed in the same pass without gradient (:meth:`forward_with_tangent`).
+        """
         y = self.read_labels(conditions)
+        if tangent is None:
+            return self.forward_with_tangent(z, r, t, y, None, None, None)[0]
+        u, du = self.forward_with_tangent(z, r, t, y, tangent.dz, tangent.dr, tangent.dt)
+        return ModelOutput(u=u, du=du)
+
+    def forward_with_tangent(self, z: Tensor, r: Tensor, t: Tensor, y: Tensor | None, dz: Tensor | None,
+                             dr: Tensor | None, dt: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(u, du): u over the batch and its derivative along (dz, dr, dt) for the leading M rows.
+
+        Every layer computes its ordinary output (recorded by autograd) and, from its intermediate
+        values, the no-grad tangent of the first M rows (:mod:`meanflow.models.tangent`): with
+        (v, 0, 1) it is d/dt u of Eq. 5 at the cost of a tangent. Dropout uses one mask for both.
+        The blocks take the tangent through their module calls (FSDP2's hooks see it).
+
+        Args:
+            z: (B, C, H, W); dz: (M, C, H, W) or None. r, t: (B,); dr, dt: (M,) or None. y: (B,) or None.
+        Returns:
+            u: (B, C, H, W); du: (M, C, H, W) or None.
+        """
         expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
         if z.dim() != 4 or tuple(z.shape[1:]) != expected:
             raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {tuple(z.shape)}")
         for name, value in (("r", r), ("t", t)):
             if value.shape != (z.shape[0],):
                 raise ValueError(f"{name} must have shape ({z.shape[0]},), got {tuple(value.shape)}")
+        check_tangent_rows(z, dz, dr, dt)
 
-        c = self.conditioning(r, t, y)  # (B, 4 * base)
-        h = self.input_conv(z)  # (B, C0, H, W)
-        skips = [h]
+        c, dc = self.conditioning(r, t, y, dr, dt)  # (B, 4 * base)
+        h, dh = conv2d_with_tangent(z, dz, self.input_conv.weight, self.input_conv.bias, padding=1)  # (B, C0, H, W)
+        skips = [(h, dh)]
         for module in self.encoder:
-            h = module(h, c)  # (B, C_level, H_level, W_level)
-            skips.append(h)
+            h, dh = module(h, c, dh, dc)  # (B, C_level, H_level, W_level)
+            skips.append((h, dh))
         for module in self.middle:
-            h = module(h) if isinstance(module, AttentionBlock) else module(h, c)  # (B, C_last, H_last, W_last)
+            h, dh = module(h, dh) if isinstance(module, AttentionBlock) else module(h, c, dh, dc)
         for module in self.decoder:
             if isinstance(module, _Stage):
-                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H_level, W_level)
-            h = module(h, c)  # (B, C_level, H_level, W_level); up blocks double H, W
-        h = F.silu(self.output_norm(h))  # (B, C0, H, W)
-        return self.output_conv(h)  # (B, C, H, W)
+                skip, dskip = skips.pop()
+                h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H_level, W_level)
+                dh = None if dh is None else torch.cat([dh, dskip], dim=1)
+            h, dh = module(h, c, dh, dc)  # (B, C_level, H_level, W_level); up blocks double H, W
+        norm = self.output_norm
+        h, dh = silu_with_tangent(*group_norm_with_tangent(h, dh, norm.num_groups, norm.weight, norm.bias, norm.eps))
+        return conv2d_with_tangent(h, dh, self.output_conv.weight, self.output_conv.bias, padding=1)  # (B, C, H, W)
 
 
 class _Stage(nn.Module):
@@ -360,9 +438,10 @@ class _Stage(nn.Module):
         self.block = block
         self.attention = AttentionBlock(channels, config.num_heads) if attend else None
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        h = self.block(x, c)
-        return self.attention(h) if self.attention is not None else h
+    def forward(self, x: Tensor, c: Tensor, dx: Tensor | None = None,
+                dc: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        h, dh = self.block(x, c, dx, dc)
+        return self.attention(h, dh) if self.attention is not None else (h, dh)
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {
