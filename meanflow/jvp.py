@@ -19,7 +19,7 @@ Three methods, chosen by :class:`Derivative`:
   no-grad tangent of those rows, so the derivative costs a tangent, not a second primal. Under
   FSDP2 (the MLP and imfDiT read block weights directly) and under autocast (the tangent must
   not differentiate at a bf16 primal, spec section 8) the tangent runs apart: on the bare module
-  in fp32, the explicit tangent where declared, else ``torch.func.jvp`` (the U-Net).
+  in fp32, the explicit tangent where declared, else ``torch.func.jvp``.
   Dropout: apart, the derivative pass runs first and draws its own dropout masks, and the
   gradient forward fresh ones: the target is the tangent of an independently dropped network
   (unbiased over masks, noisier than one shared mask); ``JVP`` and the one pass share one

@@ -443,3 +443,23 @@ def test_blockwise_attention_is_chosen_above_its_length_and_survives_large_score
     _, streamed = tangent.attention_with_tangent(q, dq, k, dk, v, dv)
     assert calls == [{"key_block": 8}] and torch.isfinite(streamed).all()
     torch.testing.assert_close(streamed, tangent.attention_tangent_dense(q, dq, k, dk, v, dv), rtol=1e-10, atol=1e-10)
+
+
+def test_the_one_pass_call_traces_into_one_graph_for_torch_compile():
+    # No graph break in the tangent code (no context-manager helper dynamo cannot enter), so
+    # torch.compile of the wrapped module sees the tangent; dynamo only traces here (no backend).
+    import torch._dynamo
+
+    from meanflow.conditions import Tangent
+
+    model = perturbed_dit(CONFIGS["cond-p2"]).float()
+    z, r, t, y, v = (part.float() if part is not None and part.is_floating_point() else part
+                     for part in dit_inputs(CONFIGS["cond-p2"], batch=4))
+
+    def step(z_, r_, t_, dz):
+        out = model(z_, r_, t_, y, tangent=Tangent(dz, torch.zeros_like(r_[:2]), torch.ones_like(t_[:2])))
+        return out.u, out.du
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(z, r, t, v[:2])
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons

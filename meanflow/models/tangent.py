@@ -39,20 +39,9 @@ _aten = torch.ops.aten
 MaybeTensor = Optional[Tensor]
 
 
-class _TangentMode:
-    """No gradient and no autocast: the tangent is a constant of the loss, in its own precision."""
-
-    def __init__(self, like: Tensor):
-        self.grad = torch.no_grad()
-        self.autocast = torch.autocast(device_type=like.device.type, enabled=False)
-
-    def __enter__(self):
-        self.grad.__enter__()
-        self.autocast.__enter__()
-
-    def __exit__(self, *exc):
-        self.autocast.__exit__(*exc)
-        self.grad.__exit__(*exc)
+# The tangent is a constant of the loss, in its own precision: every tangent computation runs in
+# ``with torch.no_grad(), torch.autocast(device, enabled=False)``, written out at each use (not a
+# helper context manager) so that torch.compile traces through it without a graph break.
 
 
 def lead(x: Tensor, dx: Tensor) -> Tensor:
@@ -72,7 +61,7 @@ def linear_with_tangent(x: Tensor, dx: MaybeTensor, weight: Tensor, bias: MaybeT
     y = F.linear(x, weight, bias)
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         return y, F.linear(dx, weight.to(dx.dtype))
 
 
@@ -90,7 +79,7 @@ def layer_norm_with_tangent(x: Tensor, dx: MaybeTensor, eps: float) -> tuple:
     y = F.layer_norm(x, shape, None, None, eps)
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         rows = lead(x, dx)
         _, mean, rstd = torch.native_layer_norm(rows, shape, None, None, eps)  # the statistics of x[:M]
         # The Jacobian rstd * (I - 1 1^T / D - y y^T / D) is symmetric, so the tangent J dx equals
@@ -104,7 +93,7 @@ def gelu_tanh_with_tangent(x: Tensor, dx: MaybeTensor) -> tuple:
     y = F.gelu(x, approximate="tanh")
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         # Diagonal Jacobian: the backward kernel's ``grad * gelu'(x)`` is the tangent, in one pass.
         return y, _aten.gelu_backward(dx, lead(x, dx), approximate="tanh")
 
@@ -114,7 +103,7 @@ def silu_with_tangent(x: Tensor, dx: MaybeTensor) -> tuple:
     y = F.silu(x)
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         return y, _aten.silu_backward(dx, lead(x, dx))  # diagonal Jacobian, as for GELU
 
 
@@ -133,7 +122,7 @@ def modulate_with_tangent(x: Tensor, dx: MaybeTensor, shift: Tensor, dshift: May
     y = x * (1 + scale[:, None, :]) + shift[:, None, :]
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         gain = 1 + lead(scale, dx)[:, None, :]
         dy = torch.addcmul(dshift[:, None, :], dx, gain).addcmul_(lead(x, dx), dscale[:, None, :])
     return y, dy
@@ -155,7 +144,7 @@ def gated_residual_with_tangent(x: Tensor, dx: MaybeTensor, branch: Tensor, dbra
     y = x + gate.unsqueeze(-2) * branch
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         constant = dgate is None
         gain = (gate.detach().to(dx.dtype) if constant else lead(gate, dx)).unsqueeze(-2)
         dy = torch.addcmul(dx, dbranch, gain)
@@ -175,7 +164,7 @@ def conv2d_with_tangent(x: Tensor, dx: MaybeTensor, weight: Tensor, bias: MaybeT
     y = F.conv2d(x, weight, bias, 1, padding)
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         return y, F.conv2d(dx, weight.to(dx.dtype), None, 1, padding)
 
 
@@ -195,7 +184,7 @@ def group_norm_with_tangent(x: Tensor, dx: MaybeTensor, groups: int, weight: Ten
     y = F.group_norm(x, groups, weight, bias, eps)
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         rows = lead(x, dx)
         batch, channels = rows.shape[:2]
         spatial = rows[0, 0].numel()
@@ -222,7 +211,7 @@ def dropout_with_tangent(x: Tensor, dx: MaybeTensor, probability: float, trainin
     y = x * mask
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         return y, dx * lead(mask, dx)
 
 
@@ -243,7 +232,7 @@ def rms_norm_with_tangent(x: Tensor, dx: MaybeTensor, weight: MaybeTensor, eps: 
         y = y * weight
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         rows = lead(x, dx)
         rstd = torch.rsqrt(rows.square().mean(dim=-1, keepdim=True) + eps)  # (M, ..., 1)
         normalized = rows * rstd
@@ -271,7 +260,7 @@ def swiglu_with_tangent(x: Tensor, dx: MaybeTensor, gate_weight: Tensor, value_w
     s, ds = silu_with_tangent(a, da)
     product, dproduct = s * b, None
     if dx is not None:
-        with _TangentMode(dx):
+        with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
             dproduct = (ds * lead(b, dx)).addcmul_(lead(s, dx), db)
     return linear_with_tangent(product, dproduct, out_weight)
 
@@ -289,7 +278,7 @@ def linear_map_with_tangent(x: Tensor, dx: MaybeTensor, linear_map: Callable[[Te
     y = linear_map(x)
     if dx is None:
         return y, None
-    with _TangentMode(dx):
+    with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         return y, linear_map(dx)
 
 
@@ -325,7 +314,7 @@ def attention_with_tangent(q: Tensor, dq: MaybeTensor, k: Tensor, dk: MaybeTenso
     o = attention(q, k, v)
     if dq is None:
         return o, None
-    with _TangentMode(dq):
+    with torch.no_grad(), torch.autocast(dq.device.type, enabled=False):
         rows = (lead(q, dq), dq, lead(k, dq), dk, lead(v, dq), dv)
         tokens = q.shape[-2]
         if key_block is None and tokens < BLOCKWISE_TOKENS:
@@ -415,7 +404,7 @@ def sinusoidal_embedding_with_tangent(values: Tensor, dvalues: MaybeTensor, dim:
     features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     if dvalues is None:
         return features, None
-    with _TangentMode(dvalues):
+    with torch.no_grad(), torch.autocast(dvalues.device.type, enabled=False):
         rows = dvalues.shape[0]
         rates = dvalues[:, None] * frequencies.to(dvalues.dtype)[None, :]  # (M, half), d(angles)
         cos, sin = (part[:rows].to(dvalues.dtype) for part in features.chunk(2, dim=-1))
