@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from .base import enable_activation_checkpointing
 from .mlp import MLP, MLPConfig
 
 # name -> (module, config class, model class); modules are imported when first asked for.
@@ -49,4 +50,4 @@ def build_model(architecture: str, options: dict[str, Any]) -> nn.Module:
     return model_class(model_config(architecture, options))
 
 
-__all__ = ["ARCHITECTURES", "MLP", "MLPConfig", "build_model", "model_config"]
+__all__ = ["ARCHITECTURES", "MLP", "MLPConfig", "build_model", "enable_activation_checkpointing", "model_config"]

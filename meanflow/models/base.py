@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
+import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..conditions import LABELS, ConditionsLike, as_conditions, check_accepted
@@ -20,7 +22,37 @@ class AverageVelocityNetwork(nn.Module):
     """
 
     explicit_tangent: ClassVar[bool] = False
+    checkpointable: ClassVar[bool] = False
+    """True for networks whose blocks run through :meth:`run_block` (activation checkpointing)."""
+    activation_checkpointing: bool = False
+    """Set by the trainer (``training.activation_checkpointing``): recompute each block in backward."""
     config: object
+
+    def run_block(self, block: Callable, inputs: tuple, tangent: tuple) -> Any:
+        """``block(*inputs, *tangent)``, under activation checkpointing when it is on and autograd
+        records: the block keeps only its inputs and is recomputed in backward, and the recompute
+        runs the primal alone (``tangent`` None), since the tangent is a no-grad constant already
+        computed. The tangent's ops save nothing for backward, so the recompute saves exactly what
+        the first run did (the check of non-reentrant checkpointing), and the preserved RNG state
+        replays the same dropout masks.
+
+        Args:
+            block: a module (or a partial of one, or of its ``forward_with_tangent``) taking
+                ``(*inputs, *tangent)``.
+            inputs: the primal inputs (tensors recorded by autograd).
+            tangent: the tangent inputs (None entries without a tangent).
+        """
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return block(*inputs, *tangent)
+        first = [True]
+
+        def run(*primal):
+            if first[0]:
+                first[0] = False
+                return block(*primal, *tangent)
+            return block(*primal, *([None] * len(tangent)))  # the backward's recompute
+
+        return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False)
 
     @property
     def accepted_conditions(self) -> frozenset[str]:
@@ -50,3 +82,11 @@ class ConfigRecord:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields are {valid}")
         return cls(**data)
+
+
+def enable_activation_checkpointing(model: nn.Module, architecture: str) -> None:
+    """Turn on ``training.activation_checkpointing`` for ``model``, or say which networks have it."""
+    if not getattr(model, "checkpointable", False):
+        raise ValueError(f"training.activation_checkpointing needs a network whose blocks can be recomputed (dit, "
+                         f"imf_dit, unet); model.architecture is {architecture!r}: set it to false")
+    model.activation_checkpointing = True

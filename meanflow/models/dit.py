@@ -275,6 +275,7 @@ class DiT(AverageVelocityNetwork):
     """
 
     explicit_tangent = True
+    checkpointable = True
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -379,7 +380,7 @@ class DiT(AverageVelocityNetwork):
         c, dc = self.conditioning.forward_with_tangent(r, t, y, dr, dt)  # (B, D) from t, t - r and the label
         silu_c, dsilu_c = silu_with_tangent(c, dc)  # every modulation's input: computed once
         for block in self.blocks:
-            x, dx = block(x, silu_c, dx, dsilu_c)  # (B, N, D)
+            x, dx = self.run_block(block, (x, silu_c), (dx, dsilu_c))  # (B, N, D)
         x, dx = self.final_layer.forward_with_tangent(x, dx, silu_c, dsilu_c)  # (B, N, p * p * C)
         return self._unpatchify(x), None if dx is None else self._unpatchify(dx)
 

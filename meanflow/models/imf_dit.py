@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -370,6 +371,8 @@ class ImfDiT(AverageVelocityNetwork):
     compile wrap.
     """
 
+    checkpointable = True
+
     @property
     def explicit_tangent(self) -> bool:
         """True for this class; False for a subclass that overrides ``forward`` (its ``u`` may be
@@ -476,12 +479,12 @@ class ImfDiT(AverageVelocityNetwork):
         ], dim=1)  # (B, P + N, D)
         cos, sin = self.rope_cos, self.rope_sin
         for block in self.shared_blocks:
-            seq = block(seq, cos, sin)  # (B, P + N, D)
+            seq = self.run_block(partial(block, cos=cos, sin=sin), (seq,), ())  # (B, P + N, D)
 
         def head(blocks: nn.ModuleList, final: FinalLayer) -> Tensor:
             x = seq
             for block in blocks:
-                x = block(x, cos, sin)  # (B, P + N, D)
+                x = self.run_block(partial(block, cos=cos, sin=sin), (x,), ())  # (B, P + N, D)
             return self._unpatchify(final(x[:, prefix:]))  # (B, C, H, W): the conditioning tokens dropped
 
         u = head(self.u_heads, self.u_final_layer)
@@ -525,15 +528,15 @@ class ImfDiT(AverageVelocityNetwork):
             dseq[:, prefix:] = dx
         cos, sin = self.rope_cos, self.rope_sin
         for block in self.shared_blocks:
-            seq, dseq = block.forward_with_tangent(seq, dseq, cos, sin)  # (B, P + N, D), (M, P + N, D)
+            seq, dseq = self.run_block(partial(block.forward_with_tangent, cos=cos, sin=sin), (seq,), (dseq,))
         v = None
         if config.auxiliary_head:
             trunk = seq
             for block in self.v_heads:
-                trunk = block(trunk, cos, sin)
+                trunk = self.run_block(partial(block, cos=cos, sin=sin), (trunk,), ())
             v = self._unpatchify(self.v_final_layer(trunk[:, prefix:]))  # (B, C, H, W)
         for block in self.u_heads:
-            seq, dseq = block.forward_with_tangent(seq, dseq, cos, sin)
+            seq, dseq = self.run_block(partial(block.forward_with_tangent, cos=cos, sin=sin), (seq,), (dseq,))
         x, dx = self.u_final_layer.forward_with_tangent(seq[:, prefix:], dseq[:, prefix:])  # (n, N, p * p * C)
         return ModelOutput(u=self._unpatchify(x), v=v, du=self._unpatchify(dx))
 

@@ -370,6 +370,8 @@ class UNet(AverageVelocityNetwork):
         nn.init.zeros_(self.output_conv.weight)
         nn.init.zeros_(self.output_conv.bias)
 
+    checkpointable = True
+
     @property
     def explicit_tangent(self) -> bool:
         """True for this class: :meth:`forward_with_tangent` differentiates :meth:`forward`. False for
@@ -415,16 +417,19 @@ class UNet(AverageVelocityNetwork):
         h, dh = conv2d_with_tangent(z, dz, self.input_conv.weight, self.input_conv.bias, padding=1)  # (B, C0, H, W)
         skips = [(h, dh)]
         for module in self.encoder:
-            h, dh = module(h, c, dh, dc)  # (B, C_level, H_level, W_level)
+            h, dh = self.run_block(module, (h, c), (dh, dc))  # (B, C_level, H_level, W_level)
             skips.append((h, dh))
         for module in self.middle:
-            h, dh = module(h, dh) if isinstance(module, AttentionBlock) else module(h, c, dh, dc)
+            if isinstance(module, AttentionBlock):
+                h, dh = self.run_block(module, (h,), (dh,))
+            else:
+                h, dh = self.run_block(module, (h, c), (dh, dc))
         for module in self.decoder:
             if isinstance(module, _Stage):
                 skip, dskip = skips.pop()
                 h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H_level, W_level)
                 dh = None if dh is None else torch.cat([dh, dskip], dim=1)
-            h, dh = module(h, c, dh, dc)  # (B, C_level, H_level, W_level); up blocks double H, W
+            h, dh = self.run_block(module, (h, c), (dh, dc))  # (B, C_level, H_level, W_level); up doubles H, W
         norm = self.output_norm
         h, dh = silu_with_tangent(*group_norm_with_tangent(h, dh, norm.num_groups, norm.weight, norm.bias, norm.eps))
         return conv2d_with_tangent(h, dh, self.output_conv.weight, self.output_conv.bias, padding=1)  # (B, C, H, W)

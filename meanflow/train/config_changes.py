@@ -22,7 +22,7 @@ FREE_TO_CHANGE = {
     "note", "training.steps", "training.log_every", "training.checkpoint_every", "training.keep_checkpoints",
     "training.milestone_every", "training.sample_every", "training.grid_samples", "training.grid_steps",
     "training.tensorboard", "training.on_nonfinite", "training.max_consecutive_skips", "training.device",
-    "training.compile", "training.tf32", "training.parallel", "training.allow_changed_config",
+    "training.compile", "training.activation_checkpointing", "training.tf32", "training.parallel", "training.allow_changed_config",
 }
 
 

@@ -31,7 +31,7 @@ from ..data import DataInfo, build_source
 from ..data.memory import InMemoryData, as_in_memory_data, memory_source
 from ..distributed import Distributed, gather_state, init_distributed, shard_model, shutdown
 from ..errors import NonFiniteStepWarning
-from ..models import build_model
+from ..models import build_model, enable_activation_checkpointing
 from ..objectives import build_objective
 from ..progress import Progress
 from ..run_record import RUN_FILE, RunRecord, build_record
@@ -122,6 +122,8 @@ class Trainer:
         check_model_matches_data(config, self.info)
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
         model = build_model(config.model.architecture, config.model.options).to(device)
+        if settings.activation_checkpointing:
+            enable_activation_checkpointing(model, config.model.architecture)
         torch.manual_seed(seed)
         self.sharded = self.dist.enabled and settings.parallel == "fsdp"
         if self.sharded:
