@@ -19,20 +19,26 @@ import time
 
 import torch
 
+from meanflow.models import enable_activation_checkpointing
 from meanflow.models.dit import DiT, DiTConfig
 from meanflow.objectives import FlowMatching, MeanFlow, TimeSampler, TrainingGuidance
 
 METHODS = {
-    # name: (objective kind, derivative, guidance)
+    # name: (objective kind, derivative, guidance); "peer" is a full-batch torch.func.jvp step as
+    # public ports write it (every row through the JVP, the primal carrying the gradient).
     "flow matching": ("fm", None, None),
     "MeanFlow jvp": ("mf", "jvp", None),
     "MeanFlow two_pass": ("mf", "two_pass", None),
     "MeanFlow finite_difference": ("mf", "finite_difference", None),
+    "MeanFlow two_pass, checkpointed": ("mf", "two_pass", None),
+    "flow matching, checkpointed": ("fm", None, None),
+    "peer-style full-batch torch.func.jvp": ("peer", None, None),
     "flow matching, cond.": ("fm", None, "cond"),
     "MeanFlow two_pass, CFG w=2 k=0": ("mf", "two_pass", (2.0, 0.0)),
     "MeanFlow two_pass, CFG w=1 k=0.5": ("mf", "two_pass", (1.0, 0.5)),
     "MeanFlow jvp, CFG w=1 k=0.5": ("mf", "jvp", (1.0, 0.5)),
 }
+DEFAULT_METHODS = [name for name in METHODS if "checkpointed" not in name]
 
 
 def build(args, method: str, device):
@@ -45,7 +51,11 @@ def build(args, method: str, device):
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.02)
     model = model.to(device)
+    if "checkpointed" in method:
+        enable_activation_checkpointing(model, "dit")
     sampler = TimeSampler(fraction_r_neq_t=args.fraction)
+    if kind == "peer":
+        return peer_step(args, model, device)
     if kind == "fm":
         objective = FlowMatching(num_classes=num_classes)
     else:
@@ -58,6 +68,32 @@ def build(args, method: str, device):
 
     def step():
         loss = objective.loss(model, x, labels, generator=generator).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def peer_step(args, model, device):
+    """A MeanFlow step as public ports write it: torch.func.jvp over the WHOLE batch (rows with
+    r = t included), its primal output carrying the gradient, the target from its tangent."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    sampler = TimeSampler(fraction_r_neq_t=args.fraction)
+    x = torch.randn(args.batch_size, args.channels, args.input_size, args.input_size, device=device)
+    generator = torch.Generator(device=device).manual_seed(1)
+
+    def step():
+        noise = torch.randn(x.shape, generator=generator, device=device)
+        r, t = sampler.sample(x.shape[0], device, x.dtype, generator)
+        z = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * noise
+        v = noise - x
+        u, dudt = torch.func.jvp(lambda z_, r_, t_: model(z_, r_, t_), (z, r, t),
+                                 (v, torch.zeros_like(r), torch.ones_like(t)))
+        target = (v - (t - r)[:, None, None, None] * dudt).detach()
+        loss = (u - target).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -137,7 +173,7 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=2)
     parser.add_argument("--fraction", type=float, default=0.25, help="share of samples with r != t")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--measure-memory", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the table as JSON here")
     args = parser.parse_args()
