@@ -103,8 +103,8 @@ def one_pass_along_flow(
         The call's ModelOutput in batch order (``u``, and ``v`` where the network has one, with
         gradient) and du/dt (M, ...) of the moving rows, without gradient.
     """
-    if moving.numel() == 0:
-        return as_output(model(z, r, t, conditions)), z.new_zeros((0, *z.shape[1:]))
+    # No branch on the number of moving rows (zero included: the tangent then has no rows), so
+    # torch.compile traces one graph whatever the batch draws.
     rest = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
     rest[moving] = False
     order = torch.cat([moving, rest.nonzero().squeeze(1)])  # the moving rows first

@@ -129,13 +129,28 @@ class NoiseTimeObjective(Objective):
         r, t = self.sample_times(x.shape[0], x, generator, progress)
         return x, labels, noise, r, t
 
-    def loss(self, model, batch, labels=None, *, generator=None, progress=0.0) -> LossOutput:
-        """Draw noise, times and label dropout for the batch's data ``x`` (B, ...) and return the loss."""
+    whole_step_compile: ClassVar[bool] = False
+    """True where :meth:`loss_from_draws` traces into one torch.compile graph whatever the draws
+    (no branch on their values; tests/test_compiled_step.py), so ``training.compile`` compiles the
+    whole step, derivative and target included, not the network alone."""
+
+    def draws(self, batch, labels=None, *, generator=None, progress=0.0):
+        """A step's random draws for the batch (eager: generators do not enter compiled code):
+        ``(x, noise, r, t, labels)``, the labels after class dropout."""
         x, labels, noise, r, t = self.draw(batch, labels, generator, progress)
         if labels is not None:
             labels = drop_labels(labels, self.class_dropout, null_class_id(self.num_classes), generator)
-        u, u_tgt = self.compute(model, x, noise, r, t, labels)  # times and noise are ours: no checks
+        return x, noise, r, t, labels
+
+    def loss_from_draws(self, model, x, noise, r, t, labels, progress: float = 0.0) -> LossOutput:
+        """The loss of inputs this objective drew (unchecked): the part of a step that compiles."""
+        u, u_tgt = self.compute(model, x, noise, r, t, labels)
         return loss_output(self.weighting, u, u_tgt, noise - x, r, t)
+
+    def loss(self, model, batch, labels=None, *, generator=None, progress=0.0) -> LossOutput:
+        """Draw noise, times and label dropout for the batch's data ``x`` (B, ...) and return the loss."""
+        draws = self.draws(batch, labels, generator=generator, progress=progress)
+        return self.loss_from_draws(model, *draws, progress=progress)  # times and noise are ours: no checks
 
     def loss_at(
         self, model: nn.Module, x: Tensor, noise: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor] = None

@@ -60,6 +60,7 @@ class FlowMatching(NoiseTimeObjective):
     """
 
     name = "flow_matching"
+    whole_step_compile = True
     Settings = FlowMatchingSettings
 
     def __init__(

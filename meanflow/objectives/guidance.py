@@ -109,9 +109,9 @@ class GuidedVelocity:
             return
         null = null_class_id(num_classes)
         guided = (labels != null) & (t >= guidance.t_min) & (t <= guidance.t_max)
+        # No branch on how many rows are guided (none is fine: every op below takes empty
+        # index sets), so torch.compile traces one graph whatever the batch draws.
         rows = guided.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return
         conditional = rows[:0]
         if guidance.needs_conditional_prediction:
             later = torch.zeros_like(guided) if deferred is None else deferred
@@ -126,14 +126,14 @@ class GuidedVelocity:
         # Eq. 9, or Eq. 10 without its kappa v_cond term, which index_add then adds: the order of
         # guided_velocity's sums, so both routes give the same bits.
         v_hat = v.index_copy(0, rows, omega * v[rows] + (1.0 - omega - kappa) * v_unc)
-        if conditional.numel():
+        if guidance.needs_conditional_prediction:
             v_hat = v_hat.index_add(0, conditional, kappa * v_cond)
         self.v_hat = v_hat
 
     def complete(self, conditional: Tensor) -> Tensor:
         """v_hat with the pending rows' ``kappa * v_cond`` added from ``conditional`` (B, ...), the
         batch's conditional predictions u(z, t, t | y) (only the pending rows are read). -> (B, ...)"""
-        if self.pending.numel() == 0:
+        if self.guidance is None or not self.guidance.needs_conditional_prediction:
             return self.v_hat
         v_cond = conditional[self.pending].detach().to(self.v_hat.dtype)
         return self.v_hat.index_add(0, self.pending, self.guidance.kappa * v_cond)

@@ -230,12 +230,11 @@ class MeanFlow(NoiseTimeObjective):
         """Modular MeanFlow's lambda at training ``progress`` (0 without a schedule)."""
         return 0.0 if self.modulation is None else self.modulation(progress)
 
-    def loss(self, model, batch, labels=None, *, generator=None, progress=0.0) -> LossOutput:
-        """Draw noise, times (at ``progress``) and label dropout for ``x`` (B, ...); the loss."""
-        x, labels, noise, r, t = self.draw(batch, labels, generator, progress)
-        if labels is not None:
-            labels = drop_labels(labels, self.class_dropout, null_class_id(self.num_classes), generator)
-        u, u_tgt = self.compute(model, x, noise, r, t, labels, progress=progress)  # our draws: no checks
+    whole_step_compile = True
+
+    def loss_from_draws(self, model, x, noise, r, t, labels, progress: float = 0.0) -> LossOutput:
+        """The loss of drawn inputs at ``progress`` (unchecked; what ``training.compile`` compiles)."""
+        u, u_tgt = self.compute(model, x, noise, r, t, labels, progress=progress)
         return self._loss_output(u, u_tgt, noise - x, r, t, progress)
 
     def loss_at(self, model, x, noise, r, t, labels=None, *, progress: float = 0.0) -> LossOutput:
@@ -293,10 +292,9 @@ class MeanFlow(NoiseTimeObjective):
             dudt = self._derivative_without_grad(model, z, r, t, labels, v_hat, moving)
             u = average_velocity(model(z, r, t, labels))  # (B, ...) the one gradient forward, through any wrapper
         u_tgt = at_least_fp32(guided.complete(u))
-        if moving.numel():
-            dudt = at_least_fp32(dudt).to(u_tgt.dtype)
-            gap = broadcast_like((t - r)[moving], dudt).to(u_tgt.dtype)
-            u_tgt = u_tgt.index_add(0, moving, -gap * dudt)  # Eq. 6 on the r != t rows
+        dudt = at_least_fp32(dudt).to(u_tgt.dtype)
+        gap = broadcast_like((t - r)[moving], dudt).to(u_tgt.dtype)
+        u_tgt = u_tgt.index_add(0, moving, -gap * dudt)  # Eq. 6 on the r != t rows (none: unchanged)
         if modulation == 0.0:
             return u, u_tgt.detach()
         # SG_lambda: the value of u_tgt, a share lambda of its gradient (through du/dt alone).

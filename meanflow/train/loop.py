@@ -32,6 +32,7 @@ from ..data.memory import InMemoryData, as_in_memory_data, memory_source
 from ..distributed import Distributed, gather_state, init_distributed, shard_model, shutdown
 from ..errors import NonFiniteStepWarning
 from ..models import build_model, enable_activation_checkpointing
+from .compiled import CompiledStepLoss, compiles_whole_step
 from ..objectives import build_objective
 from ..progress import Progress
 from ..run_record import RUN_FILE, RunRecord, build_record
@@ -139,7 +140,10 @@ class Trainer:
         self.network = self._wrap(model)
         self.policy = NonFinitePolicy(settings.on_nonfinite, settings.max_consecutive_skips)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
-        self.take_step = TrainStep(self.network, model, self.objective, optimizer, schedule, ema, self.policy,
+        loss = self.objective.loss
+        if settings.compile and compiles_whole_step(self.objective, self.dist.enabled):
+            loss = CompiledStepLoss(self.objective, settings.compile)
+        self.take_step = TrainStep(self.network, model, loss, optimizer, schedule, ema, self.policy,
                                    self.dist, config.optim.grad_clip, autocast)
         self.record = build_record(config, self.info.encoder, self.objective, self.info.num_classes, ema.names)
         self.checkpoints = self.output_dir / "checkpoints"
@@ -163,7 +167,7 @@ class Trainer:
             device = self.dist.device
             network = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        if self.config.training.compile:
+        if self.config.training.compile and not compiles_whole_step(self.objective, self.dist.enabled):
             network = torch.compile(network, backend=self.config.training.compile)
         return network
 

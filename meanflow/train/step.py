@@ -93,7 +93,8 @@ class TrainStep:
     Args:
         network: what the gradient forward goes through (the model, or its DDP / compiled wrapper).
         model: the bare module (its parameters are clipped; its weights feed the EMA).
-        objective: ``objective.loss(network, batch, generator=..., progress=...)``.
+        loss: the objective's loss, ``loss(network, batch, generator=..., progress=...)``
+            (``objective.loss``, or its compiled whole step, :mod:`meanflow.train.compiled`).
         optimizer, schedule, ema: stepped only when the step is finite.
         policy: the non-finite policy.
         dist: the process group (the flag's all-reduce).
@@ -101,10 +102,10 @@ class TrainStep:
         autocast: the autocast context of the forward (bf16 or disabled).
     """
 
-    def __init__(self, network: nn.Module, model: nn.Module, objective, optimizer: torch.optim.Optimizer,
+    def __init__(self, network: nn.Module, model: nn.Module, loss, optimizer: torch.optim.Optimizer,
                  schedule, ema: EMA, policy: NonFinitePolicy, dist: Distributed, grad_clip: Optional[float],
                  autocast: torch.autocast):
-        self.network, self.model, self.objective = network, model, objective
+        self.network, self.model, self.loss = network, model, loss
         self.optimizer, self.schedule, self.ema, self.policy, self.dist = optimizer, schedule, ema, policy, dist
         self.grad_clip = math.inf if grad_clip is None else grad_clip
         self.autocast = autocast
@@ -114,7 +115,7 @@ class TrainStep:
         """One step from ``step`` optimizer steps done; ``progress`` is the share of training done.
         ``stop.requested`` is read after the backward pass and agreed on by every rank."""
         with self.autocast:
-            out = self.objective.loss(self.network, batch, generator=generator, progress=progress)
+            out = self.loss(self.network, batch, generator=generator, progress=progress)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         # Taken after DDP's all-reduce (or FSDP's reduce-scatter): the same norm on every rank.
