@@ -32,14 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from ..conditions import average_velocity
-from ..conventions import at_least_fp32, autocast_off, broadcast_like, interpolate, null_class_id
+from ..conventions import at_least_fp32, autocast_off, broadcast_like, interpolate
 from ..jvp import (Derivative, finite_difference_along_flow, jvp_along_flow, one_pass_along_flow, one_pass_tangent,
                    tangent_along_flow)
 from ..samplers import AverageVelocitySampler, Sampler
 from ..validation import check_fraction, check_number, check_positive, parse_enum
 from ..wrappers import is_data_parallel, unwrap
 from .base import NoiseTimeObjective, check_num_classes, default_of
-from .guidance import GuidedVelocity, TrainingGuidance, drop_labels, guided_target_velocity
+from .guidance import GuidedVelocity, TrainingGuidance, guided_target_velocity
 from .loss import AdaptiveWeighting, LossOutput, loss_output
 from .schedules import Ramp, RampShape
 from .time_sampling import TimeSampler
