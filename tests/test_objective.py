@@ -330,9 +330,14 @@ def test_two_pass_uses_the_dit_explicit_tangent_and_agrees_with_torch_func():
 
 
 def test_two_pass_draws_its_own_dropout_masks_and_jvp_shares_one():
-    """The documented choice (meanflow.jvp): under dropout, 'two_pass' runs the derivative pass
-    first with masks of its own, then the gradient forward with fresh masks; 'jvp' differentiates
-    the very forward the gradient flows through (one mask). Without dropout both are the same."""
+    """The documented choice (meanflow.jvp): under dropout, 'two_pass' with the tangent apart (a
+    network without an explicit tangent) runs the derivative pass first with masks of its own,
+    then the gradient forward with fresh masks; 'jvp', and 'two_pass' in one pass (the U-Net's
+    explicit tangent), differentiate the very forward the gradient flows through (one mask).
+    Without dropout all are the same."""
+    from test_tangent import TorchFuncOnly
+
+    from meanflow.conditions import Tangent
     from meanflow.jvp import jvp_along_flow, tangent_along_flow
     from meanflow.models.unet import UNet, UNetConfig
 
@@ -345,21 +350,30 @@ def test_two_pass_draws_its_own_dropout_masks_and_jvp_shares_one():
     r, t = torch.full((4,), 0.2, dtype=torch.float64), torch.full((4,), 0.7, dtype=torch.float64)
     z, v = interpolate(x, noise, t), noise - x
     gap = (t - r)[:, None, None, None]
+    apart = TorchFuncOnly(model)
 
     torch.manual_seed(5)
-    u, target = MeanFlow(derivative="two_pass").prediction_and_target(model, x, noise, r, t)
+    u, target = MeanFlow(derivative="two_pass").prediction_and_target(apart, x, noise, r, t)
     torch.manual_seed(5)
-    dudt = tangent_along_flow(model, z, r, t, None, v)  # the derivative pass first, its own masks
+    dudt = tangent_along_flow(apart, z, r, t, None, v)  # the derivative pass first, its own masks
     assert torch.equal(u, model(z, r, t)) and torch.equal(target, v - gap * dudt)
+
+    torch.manual_seed(5)
+    u_one, target_one = MeanFlow(derivative="two_pass").prediction_and_target(model, x, noise, r, t)
+    torch.manual_seed(5)
+    out = model(z, r, t, tangent=Tangent(v, torch.zeros_like(r), torch.ones_like(t)))  # one forward, one mask
+    assert torch.equal(u_one, out.u) and torch.equal(target_one, v - gap * out.du)
 
     torch.manual_seed(5)
     u_jvp, target_jvp = MeanFlow(derivative="jvp").prediction_and_target(model, x, noise, r, t)
     torch.manual_seed(5)
     primal, dudt_jvp = jvp_along_flow(model, z, r, t, None, v)  # one forward: u and du/dt share a mask
     assert torch.equal(u_jvp, primal) and torch.equal(target_jvp, v - gap * dudt_jvp)
-    # The same seed gives the derivative passes the same masks (equal targets), but two_pass's
-    # prediction comes from a second forward with other masks, jvp's from the first.
+    # The same seed gives the derivative passes the same masks (equal targets), but the apart
+    # prediction comes from a second forward with other masks, the one-pass and jvp ones from the first.
     torch.testing.assert_close(target, target_jvp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(target_one, target_jvp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(u_one, u_jvp, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(u, u_jvp)
 
     model.eval()  # no dropout: the two backends agree

@@ -78,7 +78,7 @@ def test_sigkill_at_a_random_moment_leaves_the_last_checkpoint_loadable(tmp_path
 
 def test_nonfinite_steps_are_skipped_and_counted_and_never_reach_a_checkpoint(tmp_path):
     trainer = Trainer(toy(6, "training.checkpoint_every=1"), tmp_path, progress=False)
-    real_loss = trainer.objective.loss
+    real_loss = trainer.take_step.loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -88,7 +88,7 @@ def test_nonfinite_steps_are_skipped_and_counted_and_never_reach_a_checkpoint(tm
             out.loss = out.loss * math.nan
         return out
 
-    trainer.objective.loss = sometimes_nan
+    trainer.take_step.loss = sometimes_nan
     result = trainer.run()
     assert result.step == 6 and result.skipped_steps == 2 and calls["n"] == 8
     for path in list_checkpoints(tmp_path / "checkpoints"):
@@ -103,7 +103,7 @@ def test_stop_mode_and_too_many_skips_stop_with_a_clear_message(tmp_path):
                            (["training.max_consecutive_skips=3"], "3 steps in a row were skipped")):
         folder = tmp_path / extra[0].split("=")[0]
         trainer = Trainer(toy(10, "training.checkpoint_every=1", *extra), folder, progress=False)
-        real_loss = trainer.objective.loss
+        real_loss = trainer.take_step.loss
         calls = {"n": 0}
 
         def nan_after_two(*args, **kwargs):
@@ -113,7 +113,7 @@ def test_stop_mode_and_too_many_skips_stop_with_a_clear_message(tmp_path):
                 out.loss = out.loss * math.nan
             return out
 
-        trainer.objective.loss = nan_after_two
+        trainer.take_step.loss = nan_after_two
         with pytest.raises(FloatingPointError, match=message):
             trainer.run()
         state = load_checkpoint(latest_checkpoint(folder / "checkpoints"))
