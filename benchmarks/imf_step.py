@@ -12,10 +12,11 @@ conditions the network on drawn omega and intervals and trains both heads. Half 
 have r != t for both average-velocity methods (iMF's default), so the derivative costs the same
 share.
 
-The derivative of 'two_pass' is the backbone's explicit tangent (``model(..., tangent=)``,
-:mod:`meanflow.models.tangent`); the rows marked ``torch.func`` run the same objective with the
-explicit tangent hidden (a wrapper that does not declare it), so ``tangent_along_flow`` falls
-back to ``torch.func.jvp``. 'jvp' is the single-pass ``torch.func.jvp`` (no explicit tangent).
+The derivative of 'two_pass' is the backbone's explicit tangent in one pass (one call gives both
+heads with gradient and the no-grad tangent of the r != t rows, :mod:`meanflow.models.tangent`,
+docs/engine.md); the rows marked ``torch.func`` run the same objective with the explicit tangent
+hidden (a wrapper that does not declare it), so the derivative runs apart through
+``torch.func.jvp`` before the gradient forward. 'jvp' is the single-pass ``torch.func.jvp`` (no explicit tangent).
 Medians of interleaved rounds in rotated order; peak memory is the growth of the peak RSS of a
 fresh process per method.
 
