@@ -67,7 +67,7 @@ def inf_on_rank_1(output: str, rank: int) -> None:
         "training.steps=4", "training.batch_size=16", "training.checkpoint_every=4", "training.log_every=2",
         "model.options.hidden_size=16", "model.options.depth=2", "training.grid_samples=16"])
     trainer = Trainer(config, os.path.dirname(output), progress=False)
-    real_loss, calls = trainer.objective.loss, {"n": 0}
+    real_loss, calls = trainer.take_step.loss, {"n": 0}
 
     def loss(*args, **kwargs):
         calls["n"] += 1
@@ -76,7 +76,7 @@ def inf_on_rank_1(output: str, rank: int) -> None:
             out.loss = out.loss + float("inf")  # the gradient stays finite: only the loss flag can tell
         return out
 
-    trainer.objective.loss = loss
+    trainer.take_step.loss = loss
     result = trainer.run()  # raises if the ranks' weights diverged
     if rank == 0:
         with open(output, "w") as handle:
