@@ -92,3 +92,11 @@ def test_a_subclass_overriding_forward_declares_no_explicit_tangent():
             return 2 * super().forward(z, r, t, conditions)
 
     assert not Scaled(CONFIGS["unconditional-2-heads"]).explicit_tangent
+
+
+def test_a_tangent_of_no_rows():
+    config = CONFIGS["conditional"]
+    model = random_unet(config)
+    z, r, t, y, tangent = inputs(config)
+    out = model(z, r, t, y, tangent=Tangent(tangent.dz[:0], tangent.dr[:0], tangent.dt[:0]))
+    assert out.du.shape == (0, *z.shape[1:]) and torch.equal(out.u, model(z, r, t, y))

@@ -187,7 +187,7 @@ def group_norm_with_tangent(x: Tensor, dx: MaybeTensor, groups: int, weight: Ten
     with torch.no_grad(), torch.autocast(dx.device.type, enabled=False):
         rows = lead(x, dx)
         batch, channels = rows.shape[:2]
-        spatial = rows[0, 0].numel()
+        spatial = math.prod(rows.shape[2:])
         _, mean, rstd = torch.native_group_norm(rows, None, None, batch, channels, spatial, groups, eps)
         normalised = _aten.native_group_norm_backward(dx, rows, mean, rstd, None, batch, channels, spatial, groups,
                                                       [True, False, False])[0]
