@@ -15,9 +15,9 @@ with flow matching on that network (its ``u`` head with omega = 1 on [0, 1]).
 Times are medians (and ranges) of interleaved rounds in rotated order in one process; peak
 memory is the growth of the peak RSS of a fresh process per method. The "pays for" columns are
 counted, not assumed: one step runs through a counting wrapper that records, per network call,
-the rows it evaluated, whether it built a graph (gradient forward), ran without one (no-grad
-forward), carried an explicit tangent, or ran under ``torch.func.jvp``; they are given in units
-of the batch size.
+the rows it evaluated with a graph (gradient forward) or without (no-grad forward), the rows of
+the explicit tangent the call carried (in one pass with a gradient forward, or apart without
+one), and the rows run under ``torch.func.jvp``; in units of the batch size.
 """
 
 from __future__ import annotations
@@ -71,12 +71,11 @@ class CallCensus(nn.Module):
 
     def forward(self, z, r, t, conditions=None, tangent=None):
         if torch._C._functorch.is_functorch_wrapped_tensor(z):
-            kind = "torch.func.jvp"
-        elif tangent is not None:
-            kind = "explicit tangent"
+            self.rows["torch.func.jvp"] += z.shape[0]
         else:
-            kind = "gradient forward" if torch.is_grad_enabled() else "no-grad forward"
-        self.rows[kind] += z.shape[0]
+            self.rows["gradient forward" if torch.is_grad_enabled() else "no-grad forward"] += z.shape[0]
+            if tangent is not None:  # the explicit tangent of its leading rows, in the same call
+                self.rows["explicit tangent"] += tangent.dz.shape[0]
         if tangent is None:
             return self.network(z, r, t, conditions)
         return self.network(z, r, t, conditions, tangent=tangent)

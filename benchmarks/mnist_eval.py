@@ -47,8 +47,8 @@ def plans(args: argparse.Namespace) -> dict[str, tuple[str, list[int], list[str]
         "imf_sweep": ("imf", [1], ["--sweep", "--weights", args.sweep_weights, "--omega", *SWEEP_OMEGAS,
                                    "--interval", *SWEEP_INTERVALS]),
         **{name: (name, [1, 2, 4], []) for name in ("alpha_flow", "shortcut", "split_meanflow", "consistency")},
-        "flow_matching": ("flow_matching", FM_STEPS, ["--ode", "euler"]),
-        "flow_matching_cfg": ("flow_matching", FM_STEPS, ["--ode", "euler", "--guidance-scale",
+        "flow_matching": ("flow_matching", args.fm_steps, ["--ode", "euler"]),
+        "flow_matching_cfg": ("flow_matching", args.fm_steps, ["--ode", "euler", "--guidance-scale",
                                                           str(args.guidance_scale)]),
     }
 
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="read the reports an earlier run left in --runs (same --num-samples) instead of "
                              "scoring again")
+    parser.add_argument("--fm-steps", type=int, nargs="+", default=FM_STEPS, help="flow matching's Euler steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write every report and the table here")
     args = parser.parse_args()

@@ -282,7 +282,7 @@ def linear_map_with_tangent(x: Tensor, dx: MaybeTensor, linear_map: Callable[[Te
         return y, linear_map(dx)
 
 
-BLOCKWISE_TOKENS = 512
+BLOCKWISE_TOKENS = 256
 """From this many tokens on, the attention tangent streams over key blocks (O(N) memory)."""
 KEY_BLOCK = 128
 """The keys per block of the streaming attention tangent."""
