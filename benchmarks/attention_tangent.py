@@ -23,7 +23,7 @@ import time
 import torch
 
 from meanflow.models import tangent
-from train_step import _status_mib
+from train_step import step_memory
 
 PATHS = {"dense": tangent.attention_tangent_dense, "blockwise": tangent.attention_tangent_blockwise}
 
@@ -41,10 +41,8 @@ def run(args, path: str, parts: list[torch.Tensor]) -> torch.Tensor:
 
 def measure_memory(args, path: str, tokens: int) -> None:
     parts = inputs(args, tokens)
-    base = _status_mib("VmRSS")
     with torch.no_grad():
-        run(args, path, parts)
-    print(_status_mib("VmHWM") - base)
+        print(step_memory(lambda: run(args, path, parts)))
 
 
 def peak_memory(args, path: str, tokens: int) -> float:

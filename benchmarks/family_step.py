@@ -39,7 +39,7 @@ from meanflow.conventions import Batch
 from meanflow.models.dit import DiT, DiTConfig
 from meanflow.objectives import build_objective
 from meanflow.presets import preset
-from train_step import _status_mib, time_interleaved
+from train_step import step_memory, time_interleaved
 
 # table name -> (preset whose objective settings the method trains with, overrides, backbone)
 METHODS = {
@@ -141,10 +141,7 @@ def peak_memory(args, method: str) -> float:
 
 def measure_memory(args, method: str) -> None:
     step, _ = build(args, method)
-    base = _status_mib("VmRSS")
-    for _ in range(3):
-        step()
-    print(_status_mib("VmHWM") - base)
+    print(step_memory(step))
 
 
 def parse_args() -> argparse.Namespace:

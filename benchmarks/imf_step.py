@@ -41,7 +41,7 @@ from meanflow.conventions import Batch
 from meanflow.models.imf_dit import ImfDiT, ImfDiTConfig
 from meanflow.models.mlp import MLP, MLPConfig
 from meanflow.objectives import FlowMatching, MeanFlow, TimeSampler, build_objective
-from train_step import _status_mib, time_interleaved
+from train_step import step_memory, time_interleaved
 
 METHODS = {
     # name: (objective, derivative, explicit tangent visible to the objective)
@@ -149,10 +149,7 @@ def peak_memory(args, method: str) -> float:
 
 def measure_memory(args, method: str) -> None:
     step = build(args, method)
-    base = _status_mib("VmRSS")
-    for _ in range(3):
-        step()
-    print(_status_mib("VmHWM") - base)
+    print(step_memory(step))
 
 
 def parse_args() -> argparse.Namespace:

@@ -67,14 +67,27 @@ def build(args, method: str, device):
     generator = torch.Generator(device=device).manual_seed(1)
 
     def step():
-        loss = objective.loss(model, x, labels, generator=generator).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        take_step(optimizer, objective.loss(model, x, labels, generator=generator).loss, device)
 
     return step
+
+
+def take_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, device) -> None:
+    """Backward and an optimizer step (waiting for the GPU, so a timer sees the whole step)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_memory(step) -> float:
+    """MiB of working memory of three calls of ``step``: the peak RSS growth of this process over
+    its size before them (call it in a fresh process, after building the step)."""
+    base = _status_mib("VmRSS")
+    for _ in range(3):
+        step()
+    return _status_mib("VmHWM") - base
 
 
 def peer_step(args, model, device):
@@ -93,12 +106,7 @@ def peer_step(args, model, device):
         u, dudt = torch.func.jvp(lambda z_, r_, t_: model(z_, r_, t_), (z, r, t),
                                  (v, torch.zeros_like(r), torch.ones_like(t)))
         target = (v - (t - r)[:, None, None, None] * dudt).detach()
-        loss = (u - target).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        take_step(optimizer, (u - target).square().mean(), device)
 
     return step
 
@@ -128,10 +136,7 @@ def measure_memory(args, method: str) -> None:
             step()
         print((torch.cuda.max_memory_allocated() - base) / 2**20)
         return
-    base = _status_mib("VmRSS")
-    for _ in range(3):
-        step()
-    print(_status_mib("VmHWM") - base)
+    print(step_memory(step))
 
 
 def time_interleaved(steps: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
