@@ -22,6 +22,7 @@ import torch
 from meanflow.models import enable_activation_checkpointing
 from meanflow.models.dit import DiT, DiTConfig
 from meanflow.objectives import FlowMatching, MeanFlow, TimeSampler, TrainingGuidance
+from meanflow.train.compiled import CompiledStepLoss
 
 METHODS = {
     # name: (objective kind, derivative, guidance); "peer" is a full-batch torch.func.jvp step as
@@ -66,8 +67,10 @@ def build(args, method: str, device):
     labels = torch.randint(0, 10, (args.batch_size,), device=device) if num_classes else None
     generator = torch.Generator(device=device).manual_seed(1)
 
+    loss = CompiledStepLoss(objective, args.compile) if args.compile else objective.loss
+
     def step():
-        take_step(optimizer, objective.loss(model, x, labels, generator=generator).loss, device)
+        take_step(optimizer, loss(model, x, labels, generator=generator).loss, device)
 
     return step
 
@@ -168,6 +171,8 @@ def _status_mib(field: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", help="a torch.compile backend: each step's whole loss compiled "
+                                          "(meanflow.train.compiled), as training.compile does")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=256)
@@ -194,6 +199,7 @@ def main() -> None:
     memory = {name: peak_memory(args, name) for name in args.methods}
     print(f"DiT width {args.width}, depth {args.depth}, {args.channels}x{args.input_size}x{args.input_size}, "
           f"patch {args.patch_size}, batch {args.batch_size}, {args.threads} threads, {args.device}, "
+          + (f"the whole loss compiled ({args.compile}; peak memory eager), " if args.compile else "") +
           f"r != t for {args.fraction:.0%} of samples; median of {args.rounds} interleaved rounds (rotated order)\n")
     print("| method | step (ms) | vs flow matching | peak memory (MiB) | vs flow matching |")
     print("|---|---|---|---|---|")

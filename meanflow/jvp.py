@@ -17,9 +17,10 @@ Three methods, chosen by :class:`Derivative`:
   call (:func:`one_pass_tangent`; the objective puts the r != t rows first): every layer computes
   its ordinary output over the batch, recorded by autograd, and from its intermediate values the
   no-grad tangent of those rows, so the derivative costs a tangent, not a second primal. Under
-  FSDP2 (the MLP and imfDiT read block weights directly) and under autocast (the tangent must
-  not differentiate at a bf16 primal, spec section 8) the tangent runs apart: on the bare module
-  in fp32, the explicit tangent where declared, else ``torch.func.jvp``.
+  FSDP2 for the MLP and imfDiT (which read block weights directly; the DiT and U-Net do not) and
+  under autocast (the tangent must not differentiate at a bf16 primal, spec section 8) the
+  tangent runs apart: on the bare module in fp32, the explicit tangent where declared, else
+  ``torch.func.jvp``.
   Dropout: apart, the derivative pass runs first and draws its own dropout masks, and the
   gradient forward fresh ones: the target is the tangent of an independently dropped network
   (unbiased over masks, noisier than one shared mask); ``JVP`` and the one pass share one
@@ -82,9 +83,12 @@ def tangent_along_flow(
 
 def one_pass_tangent(model: nn.Module) -> bool:
     """True if ``model`` (or the network under its DDP / compile wrapper) declares an explicit
-    tangent and is not FSDP2-sharded: then one call gives u over the batch with gradient and the
-    tangent of its leading rows without (:class:`~meanflow.conditions.Tangent`)."""
-    return supports_explicit_tangent(model) and not _is_sharded(unwrap(model))
+    tangent, and, when FSDP2 shards it, passes that tangent through its blocks' own module calls
+    (``shard_safe_tangent``: the DiT and the U-Net), so FSDP2's hooks gather the parameters for
+    it: then one call gives u over the batch with gradient and the tangent of its leading rows
+    without (:class:`~meanflow.conditions.Tangent`)."""
+    bare = unwrap(model)
+    return supports_explicit_tangent(model) and (not _is_sharded(bare) or getattr(bare, "shard_safe_tangent", False))
 
 
 def one_pass_along_flow(

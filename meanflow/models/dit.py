@@ -276,6 +276,7 @@ class DiT(AverageVelocityNetwork):
 
     explicit_tangent = True
     checkpointable = True
+    shard_safe_tangent = True  # the blocks take the tangent through their module calls (FSDP2)
 
     def __init__(self, config: DiTConfig):
         super().__init__()
