@@ -48,6 +48,36 @@ def data_shape(architecture: str, options: dict) -> tuple[int, ...]:
     return (options["in_channels"], options["input_size"], options["input_size"])
 
 
+def build(config, kind: str, batch_size: int):
+    """The step function of ``kind``: 'flow matching', 'preset' (the preset's objective) or
+    'apart' (the preset's objective with the network's explicit tangent hidden)."""
+    architecture, options = config.model.architecture, dict(config.model.options)
+    num_classes, settings = options.get("num_classes"), config.objective.settings
+    torch.manual_seed(0)
+    network = build_model(architecture, options)
+    with torch.no_grad():  # open the zero-initialised output layers so every branch does work
+        for parameter in network.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    model = TangentApart(network) if kind == "apart" else network
+    if kind == "flow matching":
+        flow_settings = {"class_dropout": getattr(settings, "class_dropout", 0.1)}
+        objective = build_objective("flow_matching", flow_settings, num_classes, model=model)
+    else:
+        objective = build_objective(config.objective.method, settings, num_classes, model=model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch_size, *data_shape(architecture, options), generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator) if num_classes else None
+
+    def step():
+        loss = objective.loss(model, Batch(x, labels), generator=generator).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="digits")
@@ -59,38 +89,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = preset(args.preset).with_overrides(args.set)
     architecture, options = config.model.architecture, dict(config.model.options)
-    num_classes = options.get("num_classes")
     batch_size = args.batch_size or config.training.batch_size
     settings = config.objective.settings
     flow_settings = {"class_dropout": getattr(settings, "class_dropout", 0.1)}
 
-    def build(kind: str):
-        torch.manual_seed(0)
-        network = build_model(architecture, options)
-        with torch.no_grad():  # open the zero-initialised output layers so every branch does work
-            for parameter in network.parameters():
-                parameter.add_(0.02 * torch.randn_like(parameter))
-        model = TangentApart(network) if kind == "apart" else network
-        if kind == "flow matching":
-            objective = build_objective("flow_matching", flow_settings, num_classes, model=model)
-        else:
-            objective = build_objective(config.objective.method, settings, num_classes, model=model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        generator = torch.Generator().manual_seed(1)
-        x = torch.randn(batch_size, *data_shape(architecture, options), generator=generator)
-        labels = torch.randint(0, num_classes, (batch_size,), generator=generator) if num_classes else None
-
-        def step():
-            loss = objective.loss(model, Batch(x, labels), generator=generator).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return step
-
     names = {"flow matching": "flow matching", f"{config.objective.method} (preset)": "preset",
              f"{config.objective.method}, tangent apart": "apart"}
-    times = time_interleaved({name: build(kind) for name, kind in names.items()}, args.rounds)
+    times = time_interleaved({name: build(config, kind, batch_size) for name, kind in names.items()}, args.rounds)
     medians = {name: statistics.median(values) for name, values in times.items()}
     share = getattr(settings, "fraction_r_neq_t", None)
     guidance = getattr(settings, "kappa", 0.0) > 0 or getattr(settings, "omega", 1.0) != 1.0
