@@ -109,9 +109,11 @@ def one_pass_along_flow(
     """
     # No branch on the number of moving rows (zero included: the tangent then has no rows), so
     # torch.compile traces one graph whatever the batch draws.
-    rest = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-    rest[moving] = False
-    order = torch.cat([moving, rest.nonzero().squeeze(1)])  # the moving rows first
+    rest = torch.ones(z.shape[0], dtype=torch.int32, device=z.device)
+    rest[moving] = 0  # the moving rows (ascending, as nonzero gives them) sort first
+    # The moving rows first, each part in batch order. A stable sort keeps the batch's size a
+    # constant under torch.compile (a concatenation of two index sets would make it a symbol).
+    order = torch.argsort(rest, stable=True)
     rows = moving.numel()
     tangent = Tangent(velocity, velocity.new_zeros(rows), velocity.new_ones(rows))
     out = as_output(model(z[order], r[order], t[order], select_rows(conditions, order), tangent=tangent))

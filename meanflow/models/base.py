@@ -22,6 +22,9 @@ class AverageVelocityNetwork(nn.Module):
     """
 
     explicit_tangent: ClassVar[bool] = False
+    tangent_compiles: ClassVar[bool] = True
+    """False for networks whose one-pass tangent inductor cannot compile over a symbolic number of
+    rows (the U-Net's convolutions); ``training.compile`` then compiles the module alone."""
     checkpointable: ClassVar[bool] = False
     """True for networks whose blocks run through :meth:`run_block` (activation checkpointing)."""
     activation_checkpointing: bool = False

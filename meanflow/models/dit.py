@@ -375,9 +375,12 @@ class DiT(AverageVelocityNetwork):
         x = x + self.position_embedding  # (B, N, D)
         dx = None
         if dz is not None:
-            # The patch embedding is linear: its tangent is the convolution of dz without the bias.
+            # The patch embedding is linear: its tangent is the same map of dz without the bias,
+            # a GEMM over the flattened patches (a convolution over a batch of symbolic size does
+            # not compile under inductor).
             with torch.no_grad(), torch.autocast(device_type=dz.device.type, enabled=False):
-                dx = F.conv2d(dz, self.patch_embed.weight.to(dz.dtype), stride=p).flatten(2).transpose(1, 2)
+                weight = self.patch_embed.weight.to(dz.dtype).flatten(1)  # (D, C * p * p)
+                dx = F.linear(patchify(dz, p), weight)  # (M, N, D)
         c, dc = self.conditioning.forward_with_tangent(r, t, y, dr, dt)  # (B, D) from t, t - r and the label
         silu_c, dsilu_c = silu_with_tangent(c, dc)  # every modulation's input: computed once
         for block in self.blocks:
@@ -398,6 +401,15 @@ class DiT(AverageVelocityNetwork):
         expected = (config.in_channels, config.input_size, config.input_size)
         if z.dim() != 4 or tuple(z.shape[1:]) != expected:
             raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}), got {tuple(z.shape)}")
+
+
+def patchify(z: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, C * p * p): row-major patches, each flattened like a conv kernel (C, p, p)."""
+    batch, channels, height, width = z.shape
+    p = patch_size
+    patches = z.reshape(batch, channels, height // p, p, width // p, p)  # (B, C, G, p, G, p)
+    patches = patches.permute(0, 2, 4, 1, 3, 5)  # (B, G, G, C, p, p)
+    return patches.reshape(batch, (height // p) * (width // p), channels * p * p)  # (B, N, C * p * p)
 
 
 def _imagenet_latent_preset(patch_size: int, depth: int, hidden_size: int, num_heads: int) -> DiTConfig:

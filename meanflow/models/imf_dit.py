@@ -63,6 +63,7 @@ from ..conditions import (
 from ..validation import check_integer
 from .attention import attention
 from .base import AverageVelocityNetwork, ConfigRecord
+from .dit import patchify
 from .embeddings import ScalarEmbedder
 from .tangent import (
     attention_with_tangent,
@@ -520,9 +521,10 @@ class ImfDiT(AverageVelocityNetwork):
         x = self.x_embedder(z)  # (B, N, D)
         seq = torch.cat([*self._condition_tokens(y, omega, interval, e_h), x], dim=1)  # (B, P + N, D)
         with torch.no_grad(), torch.autocast(device_type=dz.device.type, enabled=False):
-            # The patch embedding is linear: its tangent is the convolution of dz without the bias.
-            weight = self.x_embedder.proj.weight.to(dz.dtype)
-            dx = F.conv2d(dz, weight, stride=config.patch_size).flatten(2).transpose(1, 2)  # (M, N, D)
+            # The patch embedding is linear: its tangent is the same map of dz without the bias (a
+            # GEMM over the flattened patches, which compiles for a symbolic number of rows).
+            weight = self.x_embedder.proj.weight.to(dz.dtype).flatten(1)  # (D, C * p * p)
+            dx = F.linear(patchify(dz, config.patch_size), weight)  # (M, N, D)
             dseq = dz.new_zeros((dz.shape[0], seq.shape[1], seq.shape[2]))  # class, omega, interval: constants
             dseq[:, constant:prefix] = de_h[:, None, :]  # the time tokens move with h
             dseq[:, prefix:] = dx

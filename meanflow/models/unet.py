@@ -371,6 +371,7 @@ class UNet(AverageVelocityNetwork):
         nn.init.zeros_(self.output_conv.bias)
 
     checkpointable = True
+    tangent_compiles = False  # inductor: convolutions over a symbolic batch fail their stride checks
     shard_safe_tangent = True  # the blocks take the tangent through their module calls (FSDP2)
 
     @property

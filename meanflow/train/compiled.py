@@ -6,22 +6,26 @@ one-pass gradient forward with its tangent, the target and the loss) into one gr
 step draws: the rows with r != t and the guided rows are index sets whose sizes the graph holds as
 symbols (``capture_dynamic_output_shape_ops``), so a new mask never recompiles. The draws
 themselves (noise, times, label dropout) stay eager, since random generators do not enter
-compiled code. Other objectives, and runs under torchrun, compile the network module alone.
+compiled code. Other objectives, runs under torchrun and the U-Net (whose convolutions inductor
+cannot compile over a symbolic number of rows) compile the network module alone.
 """
 
 from __future__ import annotations
 
 import torch
 import torch._dynamo
+from torch import nn
 
 from ..objectives.base import Objective
 from ..objectives.loss import LossOutput
 
 
-def compiles_whole_step(objective: Objective, distributed: bool) -> bool:
-    """True if ``training.compile`` compiles this objective's whole loss (single process only:
-    under torchrun the DDP / FSDP wrappers are compiled as modules, as before)."""
-    return bool(getattr(objective, "whole_step_compile", False)) and not distributed
+def compiles_whole_step(objective: Objective, model: nn.Module, distributed: bool) -> bool:
+    """True if ``training.compile`` compiles this objective's whole loss: single process only
+    (under torchrun the DDP / FSDP wrappers are compiled as modules, as before), and a network
+    whose tangent compiles (``tangent_compiles``; not the U-Net)."""
+    return (bool(getattr(objective, "whole_step_compile", False)) and not distributed
+            and bool(getattr(model, "tangent_compiles", True)))
 
 
 class CompiledStepLoss:

@@ -141,7 +141,7 @@ class Trainer:
         self.policy = NonFinitePolicy(settings.on_nonfinite, settings.max_consecutive_skips)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
         loss = self.objective.loss
-        if settings.compile and compiles_whole_step(self.objective, self.dist.enabled):
+        if settings.compile and compiles_whole_step(self.objective, model, self.dist.enabled):
             loss = CompiledStepLoss(self.objective, settings.compile)
         self.take_step = TrainStep(self.network, model, loss, optimizer, schedule, ema, self.policy,
                                    self.dist, config.optim.grad_clip, autocast)
@@ -167,7 +167,7 @@ class Trainer:
             device = self.dist.device
             network = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        if self.config.training.compile and not compiles_whole_step(self.objective, self.dist.enabled):
+        if self.config.training.compile and not compiles_whole_step(self.objective, model, self.dist.enabled):
             network = torch.compile(network, backend=self.config.training.compile)
         return network
 
