@@ -60,3 +60,17 @@ def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     a, b = load_checkpoint(eager.checkpoint).model, load_checkpoint(compiled.checkpoint).model
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_which_runs_compile_the_whole_step():
+    from test_one_pass import unet
+
+    from meanflow.train.compiled import compiles_whole_step
+
+    objective = OBJECTIVES["meanflow unguided"]()
+    assert compiles_whole_step(objective, dit(), distributed=False)
+    assert not compiles_whole_step(objective, dit(), distributed=True)  # torchrun: the module alone
+    assert not compiles_whole_step(objective, unet(), distributed=False)  # its convolutions: the module alone
+    from meanflow.objectives import ImprovedMeanFlow
+
+    assert not compiles_whole_step(ImprovedMeanFlow(num_classes=CLASSES), dit(), distributed=False)
