@@ -207,3 +207,24 @@ def test_imf_one_pass_gives_both_heads_and_the_separate_passes_numbers():
     r, t = inputs[2], inputs[3]
     moving = int((r < t).sum())
     assert one_pass.calls[-1] == (len(r), moving, True) and len(one_pass.calls) == 2
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_alpha_flow_reuses_the_gradient_forward_for_its_guided_flow_rows(alpha):
+    # Its target, rebuilt from the one-step guided velocity, equals the objective's, which takes
+    # the r = t rows' conditional predictions from its gradient forward instead.
+    from meanflow.objectives import AlphaFlow, AlphaFlowSettings
+
+    model = mlp()
+    x, e, r, t, labels = batch(model, size=16)
+    objective = AlphaFlow(AlphaFlowSettings(omega=1.0, kappa=0.5), CLASSES)
+    census = Census(model)
+    _, target = objective.prediction_and_target(census, x, e, r, t, labels, alpha=alpha)
+    z = interpolate(x, e, t)
+    v_hat = guided_target_velocity(model, objective.meanflow.guidance, CLASSES, z, t, e - x, labels)
+    moving = (r < t).nonzero().squeeze(1)
+    expected = v_hat.index_copy(0, moving, objective.consistency_target(model, z, r, t, labels, v_hat, moving, alpha))
+    torch.testing.assert_close(target, expected, rtol=1e-12, atol=1e-13)
+    guided = int((labels != CLASSES).sum())
+    guided_moving = int(((labels != CLASSES) & (r < t)).sum())
+    assert census.calls[0] == (guided + guided_moving, None, False)  # not 2 x guided rows

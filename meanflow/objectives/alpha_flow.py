@@ -63,7 +63,7 @@ from ..jvp import Derivative
 from ..samplers import AverageVelocitySampler, Sampler
 from ..validation import check_number, check_positive
 from .base import NoiseTimeObjective, check_num_classes, default_of
-from .guidance import drop_labels
+from .guidance import GuidedVelocity, drop_labels
 from .loss import LossOutput, loss_output
 from .meanflow import MeanFlow, MeanFlowSettings
 from .schedules import Ramp, RampShape
@@ -244,12 +244,19 @@ class AlphaFlow(NoiseTimeObjective):
         if alpha == 0.0:
             return self.meanflow.compute(model, x, noise, r, t, labels)  # Eq. 6, MeanFlow's own target
         z = interpolate(x, noise, t)  # (B, ...) Eq. 1
-        v_hat = self.meanflow.guided_target_velocity(model, z, t, noise - x, labels)  # (B, ...) Eq. 9-10
-        u_tgt = at_least_fp32(v_hat)  # the r = t rows: flow matching
+        # As in MeanFlow: the r = t rows' conditional predictions (Eq. 10) are the gradient
+        # forward's own outputs there (in fp32 only; under autocast they are computed apart).
+        deferred = None if torch.is_autocast_enabled(z.device.type) else r == t
+        guided = GuidedVelocity(model, self.meanflow.guidance, self.meanflow.num_classes, z, t, noise - x, labels,
+                                deferred)  # Eq. 9-10, final on the r < t rows
         moving = (r < t).nonzero().squeeze(1)
+        consistency = None
         if moving.numel():
-            u_tgt = u_tgt.index_copy(0, moving, self.consistency_target(model, z, r, t, labels, u_tgt, moving, alpha))
+            consistency = self.consistency_target(model, z, r, t, labels, at_least_fp32(guided.v_hat), moving, alpha)
         u = average_velocity(model(z, r, t, labels))  # (B, ...) the one gradient forward, through any wrapper
+        u_tgt = at_least_fp32(guided.complete(u))  # the r = t rows: flow matching onto v_hat
+        if consistency is not None:
+            u_tgt = u_tgt.index_copy(0, moving, consistency)
         return u, u_tgt.detach()
 
     def consistency_target(self, model: nn.Module, z: Tensor, r: Tensor, t: Tensor, labels: Optional[Tensor],
