@@ -13,7 +13,7 @@ Three methods, chosen by :class:`Derivative`:
 - ``TWO_PASS``: the derivative without gradient, and the gradient forward through whatever
   wrapper the caller holds (so DDP synchronises gradients). A model that declares an explicit
   tangent (``explicit_tangent``: called with ``tangent=Tangent(dz, dr, dt)`` for its leading M
-  rows it returns ``ModelOutput(u, du=...)``; the DiT, the imfDiT and the MLP do) does both in ONE
+  rows it returns ``ModelOutput(u, du=...)``; all four networks do) does both in ONE
   call (:func:`one_pass_tangent`; the objective puts the r != t rows first): every layer computes
   its ordinary output over the batch, recorded by autograd, and from its intermediate values the
   no-grad tangent of those rows, so the derivative costs a tangent, not a second primal. Under

@@ -63,7 +63,7 @@ from ..jvp import Derivative
 from ..samplers import AverageVelocitySampler, Sampler
 from ..validation import check_number, check_positive
 from .base import NoiseTimeObjective, check_num_classes, default_of
-from .guidance import GuidedVelocity, drop_labels
+from .guidance import GuidedVelocity, drop_labels, rows_the_gradient_forward_predicts
 from .loss import LossOutput, loss_output
 from .meanflow import MeanFlow, MeanFlowSettings
 from .schedules import Ramp, RampShape
@@ -244,11 +244,9 @@ class AlphaFlow(NoiseTimeObjective):
         if alpha == 0.0:
             return self.meanflow.compute(model, x, noise, r, t, labels)  # Eq. 6, MeanFlow's own target
         z = interpolate(x, noise, t)  # (B, ...) Eq. 1
-        # As in MeanFlow: the r = t rows' conditional predictions (Eq. 10) are the gradient
-        # forward's own outputs there (in fp32 only; under autocast they are computed apart).
-        deferred = None if torch.is_autocast_enabled(z.device.type) else r == t
+        # As in MeanFlow: the r = t rows' conditional predictions (Eq. 10) come from the gradient forward.
         guided = GuidedVelocity(model, self.meanflow.guidance, self.meanflow.num_classes, z, t, noise - x, labels,
-                                deferred)  # Eq. 9-10, final on the r < t rows
+                                rows_the_gradient_forward_predicts(z, r, t))  # Eq. 9-10, final on the r < t rows
         moving = (r < t).nonzero().squeeze(1)
         consistency = None
         if moving.numel():

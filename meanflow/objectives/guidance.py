@@ -84,6 +84,13 @@ def guided_target_velocity(model: nn.Module, guidance: Optional[TrainingGuidance
     return GuidedVelocity(model, guidance, num_classes, z, t, v, labels).v_hat
 
 
+def rows_the_gradient_forward_predicts(z: Tensor, r: Tensor, t: Tensor) -> Optional[Tensor]:
+    """(B,) bool, the r = t rows, whose gradient forward evaluates exactly the conditional
+    prediction u(z, t, t | y) of Eq. 10, so :class:`GuidedVelocity` can defer them; None under
+    autocast, where that output is low precision and the target stays fp32 (spec section 8)."""
+    return None if torch.is_autocast_enabled(z.device.type) else r == t
+
+
 class GuidedVelocity:
     """v_hat (Eq. 9-10) in at most two steps, so that the gradient forward can supply some rows'
     conditional predictions instead of an extra forward computing them again.

@@ -39,7 +39,7 @@ from ..samplers import AverageVelocitySampler, Sampler
 from ..validation import check_fraction, check_number, check_positive, parse_enum
 from ..wrappers import is_data_parallel, unwrap
 from .base import NoiseTimeObjective, check_num_classes, default_of
-from .guidance import GuidedVelocity, TrainingGuidance, guided_target_velocity
+from .guidance import GuidedVelocity, TrainingGuidance, guided_target_velocity, rows_the_gradient_forward_predicts
 from .loss import AdaptiveWeighting, LossOutput, loss_output
 from .schedules import Ramp, RampShape
 from .time_sampling import TimeSampler
@@ -274,12 +274,10 @@ class MeanFlow(NoiseTimeObjective):
         z = interpolate(x, noise, t)  # (B, ...) Eq. 1
         v = noise - x  # (B, ...) Eq. 1
         moving = (r < t).nonzero().squeeze(1)  # indices of samples that pay for the derivative
-        # The r = t rows' conditional predictions u(z, t, t | y) (Eq. 10, kappa > 0) are the
-        # gradient forward's own outputs there, so they are not computed twice; under autocast
-        # that output is low precision and the target stays fp32 (spec section 8): computed apart.
-        low_precision = torch.is_autocast_enabled(z.device.type)
-        deferred = None if low_precision else r == t
+        # The r = t rows' conditional predictions (Eq. 10, kappa > 0) come from the gradient forward.
+        deferred = rows_the_gradient_forward_predicts(z, r, t)
         guided = GuidedVelocity(model, self.guidance, self.num_classes, z, t, v, labels, deferred)  # Eq. 9-10
+        low_precision = torch.is_autocast_enabled(z.device.type)
         v_hat = guided.v_hat  # (B, ...), final on the moving rows (the tangent's direction)
         if self.derivative is Derivative.JVP:
             u, dudt = self._single_pass(model, z, r, t, labels, v_hat, moving)
